@@ -1,0 +1,155 @@
+"""Configuration objects of the activation-memory methods, validated when they are built.
+
+Every config is a dataclass whose ``__post_init__`` rejects impossible values with a message naming the
+field, the value and what is allowed, so a bad setting fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, fields
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(kw_only=True)
+class SiteFilter:
+    """Which saved activations a method may touch.
+
+    Attributes:
+        min_numel: tensors with fewer elements are stored as they are (their codes would not pay).
+        min_dim: sites whose last dimension is smaller are stored as they are.
+        include: glob patterns on site names (``"blocks.0.mlp*"``); when given, only matching sites.
+        exclude: glob patterns on site names never touched, applied after ``include``.
+    """
+
+    min_numel: int = 1024
+    min_dim: int = 8
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.min_numel >= 0, "min_numel", self.min_numel, "must be >= 0")
+        _require(self.min_dim >= 1, "min_dim", self.min_dim, "must be >= 1")
+        self.include = _patterns("include", self.include)
+        self.exclude = _patterns("exclude", self.exclude)
+
+    def admits(self, site: str, dim: int, numel: int) -> bool:
+        """Whether a tensor of ``numel`` elements at ``site`` (last dimension ``dim``) may be compressed."""
+        if numel < self.min_numel or dim < self.min_dim:
+            return False
+        if self.include and not any(fnmatch.fnmatchcase(site, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(site, p) for p in self.exclude)
+
+
+def _patterns(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = tuple(p for p in value.split(";") if p)
+    _require(
+        isinstance(value, (tuple, list)) and all(isinstance(p, str) for p in value),
+        name,
+        value,
+        "must be a tuple of glob patterns (or one string, patterns separated by ';')",
+    )
+    return tuple(value)
+
+
+@dataclass
+class NoneConfig(SiteFilter):
+    """The baseline: every saved activation is kept as it is; only bytes are counted."""
+
+
+@dataclass
+class LaserConfig(SiteFilter):
+    """Settings of the LASER compressor; defaults follow the paper's Table 5.
+
+    Attributes:
+        rank: initial rank ``k0`` of every site's basis (also the rank a hard reset returns to).
+        threshold: fidelity ``F = ||Z||/||X||`` below which a step counts as low (epsilon).
+        growth: rows sampled and orthogonalised into the basis on a low step (``m``).
+        max_rank: ceiling on a site's rank.
+        patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
+        power_iters: power-iteration steps per training step; the first uses every activation of the step
+            (matrix-free), further ones use the step's row sample.
+        policy: ``"paper"`` follows Algorithm 1; ``"guarded"`` also stores raw any tensor whose own
+            fidelity is below ``threshold``, so no reconstruction is worse than the threshold.
+        quantize: ``None`` keeps codes in the activation dtype; ``"int8"`` stores per-column int8 codes.
+        reset_rows: rows kept (uniformly sampled) to compute the reset SVD when a reset may be due.
+        seed: seed of the compressor's own generator (row sampling, random completions).
+        sync: in a distributed run, all-reduce the statistics so every rank holds the same bases.
+    """
+
+    rank: int = 128
+    threshold: float = 0.95
+    growth: int = 4
+    max_rank: int = 512
+    patience: int = 2
+    power_iters: int = 1
+    policy: str = "guarded"
+    quantize: str | None = None
+    reset_rows: int = 1024
+    seed: int = 0
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
+        _require(0.0 < self.threshold <= 1.0, "threshold", self.threshold, "must be in (0, 1]")
+        _require(self.growth >= 1, "growth", self.growth, "must be >= 1")
+        _require(self.max_rank >= self.rank, "max_rank", self.max_rank, f"must be >= rank ({self.rank})")
+        _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
+        _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
+        _require(self.policy in ("paper", "guarded"), "policy", self.policy, "use 'paper' or 'guarded'")
+        _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
+        _require(self.reset_rows >= self.rank, "reset_rows", self.reset_rows, f"must be >= rank ({self.rank})")
+
+
+@dataclass
+class QuantConfig(SiteFilter):
+    """ActNN-style per-group quantization of every saved activation.
+
+    Attributes:
+        bits: 8, 4 or 2 bits per value (4 and 2 are bit-packed).
+        group_size: values sharing one min and one scale.
+        stochastic: unbiased stochastic rounding instead of round-to-nearest.
+        seed: seed of the rounding noise.
+    """
+
+    bits: int = 8
+    group_size: int = 256
+    stochastic: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.bits in (2, 4, 8), "bits", self.bits, "use 2, 4 or 8")
+        _require(self.group_size >= 1, "group_size", self.group_size, "must be >= 1")
+
+
+@dataclass
+class ProjectionConfig(SiteFilter):
+    """Fixed-rank projections that do not track the subspace (``static``, ``sketch``, ``oracle``).
+
+    Attributes:
+        rank: columns of every site's basis.
+        quantize: ``None`` or ``"int8"`` codes, as in :class:`LaserConfig`.
+        seed: seed of the random projections (``sketch``) and randomized SVDs (``oracle``).
+    """
+
+    rank: int = 128
+    quantize: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
+        _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
+
+
+def field_names(config_type: type) -> list[str]:
+    """Names of the settings a config dataclass accepts (for error messages and CLI parsing)."""
+    return [f.name for f in fields(config_type)]

@@ -1,0 +1,322 @@
+"""Saved-tensor plumbing shared by every activation-memory method.
+
+One :class:`ActivationMethod` sits between autograd and the tensors it saves for backward:
+
+* **sites**: forward hooks on every submodule track which module is running, so a saved tensor is named
+  ``"<module path>:<width>"``. A weight-tied block run at 24 recursion steps is one site.
+* **parameters are never touched**: autograd also saves parameters and buffers (often as views such as
+  ``weight.t()``); they are recognised by storage and passed through untouched, as are non-float tensors.
+* **storage, not view**: autograd saves several views of one storage (q, k and v of one ``qkv`` output;
+  a linear's input as a reshaped view). The base storage is encoded once and every view is rebuilt from
+  it with ``as_strided``. Storages are keyed by address *and* a weak reference, because the allocator
+  hands a freed storage's address to the next tensor of the same forward.
+* **accounting**: raw and stored bytes are counted once per unique storage, per site and step.
+
+A method subclasses :class:`ActivationMethod` and implements :meth:`ActivationMethod.encode` (and, if it
+keeps state, :meth:`~ActivationMethod.update`, :meth:`~ActivationMethod.site_row` and the state hooks).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from laser.config import SiteFilter
+from laser.report import Report, SiteReport
+
+
+class SiteNamer:
+    """Knows which module is running, through forward pre- and post-hooks on every submodule.
+
+    The stack is thread-local: autograd may run checkpoint recomputation on another thread.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._local = threading.local()
+        self._handles = []
+        for name, module in model.named_modules():
+            label = name or type(module).__name__
+            self._handles.append(module.register_forward_pre_hook(_Push(self._local, label)))
+            self._handles.append(module.register_forward_hook(_Pop(self._local), always_call=True))
+
+    def current(self) -> str:
+        """Path of the innermost module running now (``"<outside>"`` when no module runs)."""
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else "<outside>"
+
+    def remove(self) -> None:
+        """Detach every hook this namer added."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _Push:
+    def __init__(self, local: threading.local, label: str) -> None:
+        self.local, self.label = local, label
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        self.local.stack.append(self.label)
+
+
+class _Pop:
+    def __init__(self, local: threading.local) -> None:
+        self.local = local
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        stack = getattr(self.local, "stack", None)
+        if stack:
+            stack.pop()
+
+
+class Packed:
+    """A storage kept in encoded form; :meth:`decode` rebuilds its whole flat content.
+
+    Attributes:
+        nbytes: bytes this record alone keeps alive (codes, scales).
+        shared: tensors several records may share (a site's basis), counted once per step.
+    """
+
+    def __init__(self, nbytes: int, shared: tuple[torch.Tensor, ...] = ()) -> None:
+        self.nbytes = nbytes
+        self.shared = shared
+        self._decoded: weakref.ref | None = None
+
+    def decode(self) -> torch.Tensor:
+        """The storage's content as a flat tensor in its original dtype."""
+        raise NotImplementedError
+
+    def decoded(self) -> torch.Tensor:
+        """:meth:`decode`, shared by every view unpacked while the previous result is alive."""
+        flat = self._decoded() if self._decoded is not None else None
+        if flat is None:
+            flat = self.decode()
+            self._decoded = weakref.ref(flat)
+        return flat
+
+
+class _View:
+    """What autograd holds for one saved view of an encoded storage."""
+
+    __slots__ = ("record", "size", "stride", "offset")
+
+    def __init__(self, record: Packed, tensor: torch.Tensor) -> None:
+        self.record = record
+        self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+
+
+@dataclass
+class _Entry:
+    ref: StorageWeakRef
+    version: int
+    record: Packed | None
+
+
+@dataclass
+class SiteAccount:
+    """Bytes and counts of one site during the current step."""
+
+    dim: int
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    tensors: int = 0
+    fallbacks: int = 0
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's own elements."""
+    return t.numel() * t.element_size()
+
+
+class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
+    """Base class of every activation-memory method: hooks, sites, dedupe and byte accounting.
+
+    The hooks are active only inside ``with method:``; nesting the same method is allowed and
+    installs the hooks once. Module hooks that name sites stay until :meth:`remove`.
+
+    >>> method = ActivationMethod(model, NoneConfig())      # doctest: +SKIP
+    >>> with method:
+    ...     loss = model(x).square().mean()
+    >>> loss.backward(); method.step()
+    >>> print(method.report())
+    """
+
+    name = "none"
+
+    def __init__(self, model: nn.Module, config: SiteFilter) -> None:
+        super().__init__(self._pack, self._unpack)
+        self.model = model
+        self.config = config
+        self.generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
+        self.steps = 0
+        self._namer = SiteNamer(model)
+        self._depth = 0
+        self._live: dict[tuple, _Entry] = {}
+        self._frozen_storages: set[tuple] = set()
+        self._accounts: dict[str, SiteAccount] = {}
+        self._last: Report | None = None
+        self._removed = False
+
+    # ----------------------------------------------------------------- context
+    def __enter__(self) -> ActivationMethod:
+        if self._removed:
+            raise RuntimeError(f"{type(self).__name__} was removed; build a new one to use it again")
+        if self._depth == 0:
+            tensors = chain(self.model.parameters(), self.model.buffers())
+            self._frozen_storages = {_storage_key(t) for t in tensors}
+            super().__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            super().__exit__(*exc)
+            self._live.clear()
+
+    # ------------------------------------------------------------------- hooks
+    def _pack(self, tensor: torch.Tensor) -> object:
+        if _is_parameter(tensor) or _storage_key(tensor) in self._frozen_storages:
+            return tensor
+        storage = tensor.untyped_storage()
+        key = _storage_key(tensor)
+        entry = self._live.get(key)
+        if entry is None or entry.ref.expired() or entry.version != tensor._version:
+            entry = _Entry(StorageWeakRef(storage), tensor._version, self._encode_storage(tensor))
+            self._live[key] = entry
+        return tensor if entry.record is None else _View(entry.record, tensor)
+
+    def _unpack(self, packed: object) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        flat = packed.record.decoded()
+        return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+    def _encode_storage(self, tensor: torch.Tensor) -> Packed | None:
+        """Account a newly seen storage and encode it when admitted; ``None`` keeps it raw."""
+        base = tensor._base if tensor._base is not None else tensor
+        dim = base.shape[-1] if base.dim() else 1
+        site = f"{self._namer.current()}:{dim}"
+        storage_bytes = tensor.untyped_storage().nbytes()
+        account = self._accounts.setdefault(site, SiteAccount(dim))
+        account.raw_bytes += storage_bytes
+        account.tensors += 1
+        record = None
+        numel = storage_bytes // tensor.element_size()
+        if (
+            tensor.is_floating_point()
+            and base.dim() >= 1
+            and dim > 0
+            and base.stride(-1) == 1
+            and storage_bytes % (tensor.element_size() * dim) == 0
+            and self.config.admits(site, dim, numel)
+        ):
+            flat = tensor.detach().as_strided((numel // dim, dim), (dim, 1), 0)  # (N, D) over the storage
+            with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
+                record = self.encode(flat, site)
+            if record is None:
+                account.fallbacks += 1
+        if record is None:
+            account.stored_bytes += storage_bytes
+        else:
+            account.stored_bytes += record.nbytes
+            for shared in record.shared:
+                if id(shared) not in account.shared:
+                    account.shared[id(shared)] = shared
+                    account.stored_bytes += tensor_bytes(shared)
+        return record
+
+    # ------------------------------------------------------- for subclasses
+    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+        """Encode one admitted storage viewed as ``x`` (N, D); ``None`` keeps it raw (a fallback).
+
+        Runs without grad and without autocast. The base method keeps everything raw.
+        """
+        return None
+
+    def update(self) -> None:
+        """Update method state between steps (basis tracking); the base method has none."""
+
+    def site_row(self, site: str, account: SiteAccount) -> SiteReport:
+        """The report row of one site for the current step."""
+        return SiteReport(site, account.dim, account.dim, 1.0, account.raw_bytes, account.stored_bytes,
+                          account.tensors, fallbacks=account.fallbacks)
+
+    def extra_state(self) -> dict:
+        """Method state beyond the common fields, for :meth:`state_dict`."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    # ------------------------------------------------------------------ public
+    def step(self) -> None:
+        """Close the training step: update the method's state, then freeze the step's report.
+
+        Call once per optimizer step, after ``backward()``. With nothing recorded it only counts the step.
+        """
+        self.update()
+        self._last = self._build_report()
+        self._accounts = {}
+        self.steps += 1
+
+    def report(self) -> Report:
+        """The current step's report if anything was saved since the last :meth:`step`, else the last."""
+        if self._accounts or self._last is None:
+            return self._build_report()
+        return self._last
+
+    def _build_report(self) -> Report:
+        rows = [self.site_row(site, account) for site, account in sorted(self._accounts.items())]
+        return Report(rows, method=self.name, step=self.steps)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: config, step count, generator and method state."""
+        return {
+            "method": self.name,
+            "config": asdict(self.config),
+            "steps": self.steps,
+            "generator": self.generator.get_state(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the method and its config must match the saved ones."""
+        if state.get("method") != self.name:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
+        mine = asdict(self.config)
+        differ = sorted(k for k, v in state["config"].items() if mine.get(k) != v)
+        if differ:
+            raise ValueError(
+                f"state was saved with different settings {differ}: "
+                f"saved {[state['config'][k] for k in differ]}, now {[mine.get(k) for k in differ]}; "
+                "build the method with the saved config to resume"
+            )
+        self.steps = state["steps"]
+        self.generator.set_state(state["generator"])
+        self.load_extra_state(state["extra"])
+
+    def remove(self) -> None:
+        """Detach every hook this method added; the model is left exactly as before."""
+        if self._depth:
+            raise RuntimeError("remove() called inside `with method:`; leave the block first")
+        self._namer.remove()
+        self._removed = True
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr()
+
+
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """Parameters (also gathered ones, e.g. FSDP's) and their views are never compressed."""
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)

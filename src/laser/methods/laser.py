@@ -1,0 +1,160 @@
+"""LASER: saved activations as low-rank codes against a per-site basis tracked across training steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from laser import subspace
+from laser.config import LaserConfig
+from laser.hooks import ActivationMethod, Packed, SiteAccount
+from laser.methods.projection import make_codes, never_pays, pays
+from laser.report import SiteReport
+
+
+@dataclass
+class SiteState:
+    """Tracking state of one site: its basis, counters and the statistics of the current step.
+
+    Attributes:
+        dim: width D of the site.
+        basis: (D, k) fp32 orthonormal basis; ``None`` until the site's first activation.
+        low_steps: consecutive steps with fidelity under the threshold (``c`` in Algorithm 1).
+        expansions / resets: cumulative counts.
+        frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
+        fidelity: the last step's fidelity ``||Z||/||X||`` over all of its tensors.
+        rank_used: rank of the basis the current step's codes were made with.
+    """
+
+    dim: int
+    basis: torch.Tensor | None = None
+    low_steps: int = 0
+    expansions: int = 0
+    resets: int = 0
+    frozen: bool = False
+    fidelity: float = 1.0
+    rank_used: int = 0
+    accumulator: torch.Tensor | None = None
+    codes_sq: torch.Tensor | None = None
+    x_sq: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
+    sample_keys: torch.Tensor | None = None
+
+    def clear_step(self) -> None:
+        """Forget the current step's statistics."""
+        self.accumulator = self.codes_sq = self.x_sq = self.sample = self.sample_keys = None
+
+
+PERSISTED = ("dim", "basis", "low_steps", "expansions", "resets", "frozen", "fidelity", "rank_used")
+
+
+class Compressor(ActivationMethod):
+    """Stores every admitted saved activation as codes ``Z = X Q`` against its site's basis ``Q``.
+
+    One basis per site (module path + width) is shared by all recursion steps and tracked across training
+    steps: during the forward each site accumulates ``M += X^T Z`` and the fidelity sums; :meth:`step`
+    then does one power-iteration step ``Q <- orth(M)`` when the step's fidelity ``||Z||/||X||`` reached
+    ``threshold``, otherwise expands the basis by ``growth`` orthogonalised sampled rows, and after
+    ``patience`` low steps resets it to the top-``rank`` SVD of sampled rows (Algorithm 1). Sites whose
+    codes would not beat break-even are stored raw and reported as fallbacks.
+
+    >>> comp = Compressor(model, LaserConfig(rank=128))    # doctest: +SKIP
+    >>> for x, y in loader:
+    ...     with comp:
+    ...         loss = loss_fn(model(x), y)
+    ...     loss.backward()
+    ...     comp.step()
+    ...     opt.step(); opt.zero_grad()
+    >>> print(comp.report())
+    """
+
+    name = "laser"
+
+    def __init__(self, model: nn.Module, config: LaserConfig | None = None) -> None:
+        config = config if config is not None else LaserConfig()
+        if not isinstance(config, LaserConfig):
+            raise TypeError(f"config must be a LaserConfig, got {type(config).__name__}")
+        super().__init__(model, config)
+        self.sites: dict[str, SiteState] = {}
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+        cfg = self.config
+        state = self.sites.setdefault(site, SiteState(x.shape[1]))
+        if state.frozen:
+            return None
+        xf = x.float()  # (N, D); no copy for fp32 activations
+        x_sq = xf.square().sum()
+        if not torch.isfinite(x_sq):
+            return None  # never feed NaN/Inf into a basis
+        if state.basis is None:
+            state.basis = subspace.top_k_basis(xf, cfg.rank, self.generator)
+        rank = state.basis.shape[1]
+        if never_pays(state.dim, rank, cfg.quantize, x.dtype):
+            state.frozen = True
+            return None
+        if not pays(x, rank, cfg.quantize, x.dtype):
+            return None
+        codes = xf @ state.basis  # (N, k) fp32
+        codes_sq = codes.square().sum()
+        self._accumulate(state, xf, codes, x_sq, codes_sq)
+        if cfg.policy == "guarded" and subspace.fidelity(codes_sq, x_sq) < cfg.threshold:
+            return None
+        return make_codes(codes, state.basis, x.dtype, cfg.quantize)
+
+    def _accumulate(self, state: SiteState, xf: torch.Tensor, codes: torch.Tensor,
+                    x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
+        cfg = self.config
+        state.rank_used = codes.shape[1]
+        if state.accumulator is None:
+            state.accumulator = xf.T @ codes  # (D, k)
+            state.x_sq, state.codes_sq = x_sq, codes_sq
+        else:
+            state.accumulator.addmm_(xf.T, codes)
+            state.x_sq, state.codes_sq = state.x_sq + x_sq, state.codes_sq + codes_sq
+        reset_possible = state.low_steps >= cfg.patience - 1
+        capacity = cfg.reset_rows if reset_possible or cfg.power_iters > 1 else cfg.growth
+        state.sample, state.sample_keys = subspace.sample_rows(
+            xf, capacity, self.generator, state.sample, state.sample_keys
+        )
+
+    # ------------------------------------------------------------- between steps
+    def update(self) -> None:
+        cfg = self.config
+        for state in self.sites.values():
+            if state.accumulator is None:
+                continue
+            state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
+            if state.fidelity >= cfg.threshold:
+                basis = subspace.power_step(state.accumulator)
+                for _ in range(cfg.power_iters - 1):
+                    basis = subspace.power_step(state.sample.T @ (state.sample @ basis))
+                state.basis, state.low_steps = basis, 0
+            else:
+                state.low_steps += 1
+                if state.low_steps >= cfg.patience:
+                    state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
+                    state.low_steps = 0
+                    state.resets += 1
+                else:
+                    state.basis = subspace.expand(state.basis, state.sample[: cfg.growth], cfg.max_rank)
+                    state.expansions += 1
+            state.clear_step()
+
+    # ------------------------------------------------------------------ report
+    def site_row(self, site: str, account: SiteAccount) -> SiteReport:
+        state = self.sites.get(site)
+        if state is None or state.basis is None:
+            return super().site_row(site, account)
+        rank = state.rank_used or state.basis.shape[1]
+        fidelity = 1.0 if state.frozen else state.fidelity
+        return SiteReport(site, account.dim, rank, fidelity, account.raw_bytes, account.stored_bytes,
+                          account.tensors, state.expansions, state.resets, account.fallbacks)
+
+    def extra_state(self) -> dict:
+        return {site: {k: getattr(s, k) for k in PERSISTED} for site, s in self.sites.items()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.sites = {site: SiteState(**fields) for site, fields in state.items()}
