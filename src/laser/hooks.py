@@ -19,6 +19,7 @@ keeps state, :meth:`~ActivationMethod.update`, :meth:`~ActivationMethod.site_row
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -153,6 +154,11 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     name = "none"
 
     def __init__(self, model: nn.Module, config: SiteFilter) -> None:
+        """Attach site-naming hooks to ``model``; saved-tensor hooks wait for ``with``.
+
+        ``seconds`` accumulates wall time spent encoding (pack), decoding (unpack) and updating (step),
+        for reporting compression time as a share of the step (on a GPU it measures launch time only).
+        """
         super().__init__(self._pack, self._unpack)
         self.model = model
         self.config = config
@@ -165,6 +171,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         self._accounts: dict[str, SiteAccount] = {}
         self._last: Report | None = None
         self._removed = False
+        self.seconds = {"encode": 0.0, "decode": 0.0, "update": 0.0}
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> ActivationMethod:
@@ -191,14 +198,18 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         key = _storage_key(tensor)
         entry = self._live.get(key)
         if entry is None or entry.ref.expired() or entry.version != tensor._version:
+            start = time.perf_counter()
             entry = _Entry(StorageWeakRef(storage), tensor._version, self._encode_storage(tensor))
             self._live[key] = entry
+            self.seconds["encode"] += time.perf_counter() - start
         return tensor if entry.record is None else _View(entry.record, tensor)
 
     def _unpack(self, packed: object) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        start = time.perf_counter()
         flat = packed.record.decoded()
+        self.seconds["decode"] += time.perf_counter() - start
         return flat.as_strided(packed.size, packed.stride, packed.offset)
 
     def _encode_storage(self, tensor: torch.Tensor) -> Packed | None:
@@ -264,7 +275,9 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
 
         Call once per optimizer step, after ``backward()``. With nothing recorded it only counts the step.
         """
+        start = time.perf_counter()
         self.update()
+        self.seconds["update"] += time.perf_counter() - start
         self._last = self._build_report()
         self._accounts = {}
         self.steps += 1
