@@ -58,7 +58,14 @@ class SiteNamer:
         self._handles.clear()
 
 
-class _Push:
+class _Hook:
+    """Module hooks are shared, not copied, by ``copy.deepcopy(model)``: a copy keeps naming sites."""
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return self
+
+
+class _Push(_Hook):
     def __init__(self, local: threading.local, label: str) -> None:
         self.local, self.label = local, label
 
@@ -68,7 +75,7 @@ class _Push:
         self.local.stack.append(self.label)
 
 
-class _Pop:
+class _Pop(_Hook):
     def __init__(self, local: threading.local) -> None:
         self.local = local
 
