@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from laser import subspace
@@ -123,6 +124,8 @@ class Compressor(ActivationMethod):
     # ------------------------------------------------------------- between steps
     def update(self) -> None:
         cfg = self.config
+        if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._synchronize()
         for state in self.sites.values():
             if state.accumulator is None:
                 continue
@@ -142,6 +145,46 @@ class Compressor(ActivationMethod):
                     state.basis = subspace.expand(state.basis, state.sample[: cfg.growth], cfg.max_rank)
                     state.expansions += 1
             state.clear_step()
+
+    def _synchronize(self) -> None:
+        """Make every rank see the statistics of all ranks, so all make the same basis update.
+
+        Accumulators and fidelity sums are all-reduced; row samples are all-gathered and the rows with the
+        largest keys kept, which is again a uniform sample of the union. Sites are visited in name order;
+        a rank that saw nothing at a site contributes zeros.
+        """
+        for name in sorted(self.sites):
+            state = self.sites[name]
+            if state.frozen or state.basis is None:
+                continue
+            d, k = state.basis.shape
+            device = state.basis.device
+            stats = torch.zeros(d * k + 2, device=device)
+            if state.accumulator is not None:
+                stats = torch.cat([state.accumulator.flatten(), state.x_sq.view(1), state.codes_sq.view(1)])
+            dist.all_reduce(stats)
+            if stats[-2] == 0:
+                state.clear_step()
+                continue
+            state.accumulator, state.x_sq, state.codes_sq = stats[:-2].view(d, k), stats[-2], stats[-1]
+            state.sample, state.sample_keys = self._gather_sample(state, d, device)
+
+    def _gather_sample(self, state: SiteState, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        capacity = self.config.reset_rows
+        rows = torch.zeros(capacity, dim, device=device)
+        keys = torch.full((capacity,), -1.0, device=device)  # -1: empty slot, never selected over a real row
+        if state.sample is not None:
+            rows[: len(state.sample)] = state.sample
+            keys[: len(state.sample)] = state.sample_keys.to(device)
+        world = dist.get_world_size()
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        all_keys = [torch.empty_like(keys) for _ in range(world)]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_keys, keys)
+        rows, keys = torch.cat(all_rows), torch.cat(all_keys).cpu()
+        keep = max(len(state.sample) if state.sample is not None else 0, 1)
+        top = torch.topk(keys, min(keep, int((keys >= 0).sum()))).indices
+        return rows[top.to(device)], keys[top]
 
     # ------------------------------------------------------------------ report
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:

@@ -1,0 +1,43 @@
+"""Two gloo processes: the compressor's bases stay bitwise identical across ranks when sync is on."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import laser
+
+
+def _worker(rank: int, world: int, store: str, out: str, sync: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same model on every rank
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    cfg = laser.LaserConfig(rank=4, growth=2, max_rank=32, patience=2, min_numel=0, policy="paper", sync=sync)
+    comp = laser.Compressor(model, cfg)
+    data = torch.Generator().manual_seed(100 + rank)  # each rank sees its own shard
+    for _ in range(6):
+        with comp:
+            loss = model(torch.randn(64, 16, generator=data)).square().mean()
+        loss.backward()
+        comp.step()
+    torch.save({name: state.basis for name, state in comp.sites.items()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _bases(tmp_path, sync: bool) -> list[dict[str, torch.Tensor]]:
+    store = tmp_path / f"store-{sync}"
+    mp.start_processes(_worker, args=(2, str(store), str(tmp_path), sync), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_bases_identical_across_ranks_only_with_sync(tmp_path):
+    synced = _bases(tmp_path, sync=True)
+    assert synced[0].keys() == synced[1].keys() and synced[0]
+    for name, basis in synced[0].items():
+        assert torch.equal(basis, synced[1][name]), name
+    unsynced = _bases(tmp_path, sync=False)
+    assert any(not torch.equal(b, unsynced[1][n]) for n, b in unsynced[0].items())
