@@ -32,6 +32,7 @@ class SiteFilter:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(self.min_numel >= 0, "min_numel", self.min_numel, "must be >= 0")
         _require(self.min_dim >= 1, "min_dim", self.min_dim, "must be >= 1")
         self.include = _patterns("include", self.include)
@@ -44,6 +45,24 @@ class SiteFilter:
         if self.include and not any(fnmatch.fnmatchcase(site, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(site, p) for p in self.exclude)
+
+
+_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
+}
+
+
+def _check_types(config: object) -> None:
+    """Reject a value of the wrong type with a ValueError naming the field (before any comparison)."""
+    for f in fields(config):
+        check = _TYPES.get(f.type)
+        value = getattr(config, f.name)
+        if check is not None and not check[0](value):
+            raise ValueError(f"{f.name}={value!r} is invalid: must be {check[1]}")
 
 
 def _patterns(name: str, value: object) -> tuple[str, ...]:

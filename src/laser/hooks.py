@@ -337,6 +337,26 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     return tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr()
 
 
+# Autograd nodes of casts and views: a saved tensor reached from a parameter only through these is a copy
+# of a weight (autocast's bf16 weight, a transposed weight), not an activation.
+_WEIGHT_COPY_NODES = frozenset({
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "AliasBackward0",
+})
+
+
 def _is_parameter(tensor: torch.Tensor) -> bool:
-    """Parameters (also gathered ones, e.g. FSDP's) and their views are never compressed."""
-    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+    """Parameters (also gathered ones, e.g. FSDP's), their views and autocast copies are never compressed.
+
+    A copy made without grad (a frozen weight under autocast) has no autograd history and is not
+    recognised; it is treated as an activation.
+    """
+    if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+        return True
+    node = tensor.grad_fn
+    while node is not None and node.name() in _WEIGHT_COPY_NODES:
+        parents = [n for n, _ in node.next_functions if n is not None]
+        if len(parents) != 1:
+            return False
+        node = parents[0]
+    return node is not None and isinstance(getattr(node, "variable", None), nn.Parameter)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from laser.config import LaserConfig, NoneConfig, SiteFilter, field_names
+from laser.config import LaserConfig, NoneConfig, ProjectionConfig, QuantConfig, SiteFilter, field_names
 from laser.hooks import ActivationMethod
 from laser.methods.laser import Compressor
+from laser.methods.oracle import OracleMethod
+from laser.methods.quant import QuantMethod
+from laser.methods.sketch import SketchMethod
+from laser.methods.static import StaticMethod
 
 REGISTRY: dict[str, tuple[type[ActivationMethod], type[SiteFilter]]] = {
     "none": (ActivationMethod, NoneConfig),
     "laser": (Compressor, LaserConfig),
+    "quant": (QuantMethod, QuantConfig),
+    "static": (StaticMethod, ProjectionConfig),
+    "sketch": (SketchMethod, ProjectionConfig),
+    "oracle": (OracleMethod, ProjectionConfig),
 }
 
 

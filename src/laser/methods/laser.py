@@ -21,7 +21,8 @@ class SiteState:
 
     Attributes:
         dim: width D of the site.
-        basis: (D, k) fp32 orthonormal basis; ``None`` until the site's first activation.
+        basis: (D, k) fp32 orthonormal basis; ``None`` during the site's first step, whose activations
+            are stored raw and sampled to initialise it by a top-k SVD.
         low_steps: consecutive steps with fidelity under the threshold (``c`` in Algorithm 1).
         expansions / resets: cumulative counts.
         frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
@@ -90,8 +91,11 @@ class Compressor(ActivationMethod):
         x_sq = xf.square().sum()
         if not torch.isfinite(x_sq):
             return None  # never feed NaN/Inf into a basis
-        if state.basis is None:
-            state.basis = subspace.top_k_basis(xf, cfg.rank, self.generator)
+        if state.basis is None:  # first step: stored raw; its sampled rows give Q_0 (Algorithm 1, line 1)
+            state.sample, state.sample_keys = subspace.sample_rows(
+                xf, cfg.reset_rows, self.generator, state.sample, state.sample_keys
+            )
+            return None
         rank = state.basis.shape[1]
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
@@ -127,6 +131,9 @@ class Compressor(ActivationMethod):
         if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._synchronize()
         for state in self.sites.values():
+            if state.basis is None and state.sample is not None:
+                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
+                state.clear_step()
             if state.accumulator is None:
                 continue
             state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
@@ -155,7 +162,11 @@ class Compressor(ActivationMethod):
         """
         for name in sorted(self.sites):
             state = self.sites[name]
-            if state.frozen or state.basis is None:
+            if state.frozen:
+                continue
+            if state.basis is None:
+                device = state.sample.device if state.sample is not None else torch.device("cpu")
+                state.sample, state.sample_keys = self._gather_sample(state, state.dim, device)
                 continue
             d, k = state.basis.shape
             device = state.basis.device

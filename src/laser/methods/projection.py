@@ -1,11 +1,21 @@
-"""Low-rank codes against a basis: the storage format shared by laser, static, sketch and oracle."""
+"""Low-rank codes against a basis: the storage format shared by laser, static, sketch and oracle.
+
+Also the small bases of the comparison methods: :class:`MeasuredMethod` (per-site fidelity of the step,
+report rows) and :class:`FixedBasisMethod` (codes against a basis that is never tracked: ``static``,
+``sketch``, ``oracle``).
+"""
 
 from __future__ import annotations
 
-import torch
+import math
 
-from laser.hooks import Packed, tensor_bytes
+import torch
+from torch import nn
+
+from laser.config import ProjectionConfig, SiteFilter
+from laser.hooks import ActivationMethod, Packed, SiteAccount, tensor_bytes
 from laser.quant import dequantize_columns_int8, quantize_columns_int8
+from laser.report import SiteReport
 from laser.subspace import breaks_even
 
 
@@ -51,3 +61,98 @@ def never_pays(dim: int, rank: int, quantize: str | None, dtype: torch.dtype) ->
     """Whether codes of ``rank`` columns cost at least the raw row whatever the number of rows."""
     code_bytes = 1 if quantize == "int8" else torch.finfo(dtype).bits // 8
     return rank * code_bytes >= dim * (torch.finfo(dtype).bits // 8)
+
+
+class MeasuredMethod(ActivationMethod):
+    """A method that reports, per site and step, the cosine between what it saw and what backward gets.
+
+    :meth:`encode` calls :meth:`measure` with ``<x, x_hat>``, ``||x||^2`` and ``||x_hat||^2`` of every tensor
+    it encodes; the site's fidelity is ``sum <x, x_hat> / sqrt(sum ||x||^2 * sum ||x_hat||^2)`` over the
+    step's encoded tensors (1.0 where the step stored everything raw). For an orthonormal basis
+    ``<x, x_hat> = ||x_hat||^2 = ||Z||^2``, so this is ``||Z|| / ||X||`` (Proposition 1). The sums stay on
+    the device until a report is built, so encoding never waits on them.
+    """
+
+    def __init__(self, model: nn.Module, config: SiteFilter) -> None:
+        super().__init__(model, config)
+        self._sums: dict[str, torch.Tensor] = {}  # site -> (3,) fp32: <x, x_hat>, ||x||^2, ||x_hat||^2
+        self._ranks: dict[str, int] = {}
+
+    def measure(self, site: str, dot: torch.Tensor, x_sq: torch.Tensor, x_hat_sq: torch.Tensor,
+                rank: int) -> None:
+        """Add one encoded tensor's inner products to its site's sums; ``rank`` is what the report shows."""
+        sums = torch.stack((dot, x_sq, x_hat_sq)).float()
+        self._sums[site] = self._sums[site] + sums if site in self._sums else sums
+        self._ranks[site] = rank
+
+    def fidelity(self, site: str) -> float:
+        """Cosine between the step's activations at ``site`` and their reconstructions (1.0 if none)."""
+        if site not in self._sums:
+            return 1.0
+        dot, x_sq, x_hat_sq = self._sums[site].tolist()
+        if x_sq == 0.0 or x_hat_sq == 0.0:
+            return 1.0 if x_sq == x_hat_sq else 0.0
+        return dot / (math.sqrt(x_sq) * math.sqrt(x_hat_sq))
+
+    def site_row(self, site: str, account: SiteAccount) -> SiteReport:
+        return SiteReport(site, account.dim, self._ranks.get(site, account.dim), self.fidelity(site),
+                          account.raw_bytes, account.stored_bytes, account.tensors, fallbacks=account.fallbacks)
+
+    def step(self) -> None:
+        super().step()
+        self._sums.clear()
+        self._ranks.clear()
+
+
+class FixedBasisMethod(MeasuredMethod):
+    """Codes ``Z = X Q`` against a basis that is never tracked; a subclass says where ``Q`` comes from.
+
+    Shared by ``static``, ``sketch`` and ``oracle``: break-even (a tensor whose codes plus basis would not
+    beat its raw bytes is stored raw and counted as a fallback, as in laser), non-finite tensors kept raw,
+    the fidelity ``||Z|| / ||X||`` per site and step, and the per-site bases in :meth:`state_dict`.
+
+    Attributes:
+        bases: the (D, k) fp32 basis of each site that keeps one (``static``, ``sketch``).
+        per_tensor_basis: every record owns its basis (``oracle``): its bytes are charged to that record,
+            not once per site and step.
+    """
+
+    name = "fixed"
+    per_tensor_basis = False
+
+    def __init__(self, model: nn.Module, config: ProjectionConfig | None = None) -> None:
+        config = config if config is not None else ProjectionConfig()
+        if not isinstance(config, ProjectionConfig):
+            raise TypeError(f"config must be a ProjectionConfig, got {type(config).__name__}")
+        super().__init__(model, config)
+        self.bases: dict[str, torch.Tensor] = {}
+
+    def basis(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        """The (D, k) orthonormal fp32 basis to encode ``x`` (N, D) fp32 at ``site`` with."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+        cfg = self.config
+        rank = min(cfg.rank, x.shape[1])
+        if not pays(x, rank, cfg.quantize, x.dtype):
+            return None
+        xf = x.float()  # (N, D); no copy for fp32 activations
+        x_sq = xf.square().sum()
+        if not torch.isfinite(x_sq):
+            return None  # never build a basis from, or store codes of, NaN/Inf
+        basis = self.basis(xf, site)  # (D, k)
+        codes = xf @ basis  # (N, k) fp32
+        codes_sq = codes.square().sum()
+        self.measure(site, codes_sq, x_sq, codes_sq, rank)
+        record = make_codes(codes, basis, x.dtype, cfg.quantize)
+        if self.per_tensor_basis:
+            # The basis lives and dies with this record: charge it here rather than once per site and step.
+            record.nbytes += tensor_bytes(basis)
+            record.shared = ()
+        return record
+
+    def extra_state(self) -> dict:
+        return {"bases": dict(self.bases)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.bases = dict(state["bases"])
