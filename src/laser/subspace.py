@@ -7,12 +7,34 @@ on each column (the first column carries the most). Activations are ``(N, D)`` m
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 # Exact SVD is used for top-k bases while N * D * min(N, D) stays under this many multiply-adds;
 # past it a randomized range finder with the same generator is as accurate for the leading directions
 # and orders of magnitude faster on a CPU.
 EXACT_SVD_FLOPS = 2e9
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small CPU decompositions on one thread.
+
+    MKL's threaded LAPACK (QR, eigh, SVD) spin-waits between tiny parallel regions; on a busy 2-core
+    machine a 128 x 128 eigh measured 1.1 s with two threads and 0.7 ms with one. These matrices are
+    too small to gain from threads, so they always run on one.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def orthonormalize(m: torch.Tensor) -> torch.Tensor:
@@ -22,8 +44,9 @@ def orthonormalize(m: torch.Tensor) -> torch.Tensor:
     column is the direction along which ``m`` is largest. The sign of each column is fixed (largest entry
     positive) so the result is a deterministic function of ``m``.
     """
-    q, r = torch.linalg.qr(m.float())  # (D, k), (k, k)
-    _, rotation = torch.linalg.eigh(r @ r.T)  # eigenvalues ascending
+    with one_thread():
+        q, r = torch.linalg.qr(m.float())  # (D, k), (k, k)
+        _, rotation = torch.linalg.eigh(r @ r.T)  # eigenvalues ascending
     q = q @ rotation.flip(-1)
     return _fix_signs(q)
 
@@ -55,13 +78,14 @@ def top_k_basis(x: torch.Tensor, k: int, generator: torch.Generator | None = Non
     k = min(k, d)
     xf = x.float()
     available = min(n, d)
-    if n * d * available <= EXACT_SVD_FLOPS:
-        _, _, vh = torch.linalg.svd(xf, full_matrices=False)  # vh (min(N,D), D)
-        basis = vh[: min(k, available)].T
-    else:
-        basis = _randomized_top_k(xf, min(k, available), generator)
-    if basis.shape[1] < k:
-        basis = complete_basis(basis, k, generator)
+    with one_thread():
+        if n * d * available <= EXACT_SVD_FLOPS:
+            _, _, vh = torch.linalg.svd(xf, full_matrices=False)  # vh (min(N,D), D)
+            basis = vh[: min(k, available)].T
+        else:
+            basis = _randomized_top_k(xf, min(k, available), generator)
+        if basis.shape[1] < k:
+            basis = complete_basis(basis, k, generator)
     return _fix_signs(basis)
 
 
@@ -83,7 +107,8 @@ def complete_basis(basis: torch.Tensor, k: int, generator: torch.Generator | Non
         raise ValueError(f"cannot build {k} orthonormal columns in dimension {d}")
     extra = torch.randn(d, k - j, generator=generator, device="cpu").to(basis.device)
     extra = _project_out(extra, basis)
-    q, _ = torch.linalg.qr(extra)
+    with one_thread():
+        q, _ = torch.linalg.qr(extra)
     return torch.cat([basis, q], dim=1)
 
 
@@ -112,7 +137,8 @@ def expand(basis: torch.Tensor, rows: torch.Tensor, max_rank: int) -> torch.Tens
     residual = residual[:, keep][:, :room]
     if residual.shape[1] == 0:
         return basis
-    new_columns, r = torch.linalg.qr(residual)
+    with one_thread():
+        new_columns, r = torch.linalg.qr(residual)
     independent = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
     new_columns = _project_out(new_columns[:, independent], basis)
     new_columns = new_columns / new_columns.norm(dim=0, keepdim=True)
