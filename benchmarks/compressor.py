@@ -12,8 +12,8 @@ codes) it prints: saved-activation bytes (unique storages, from the method's rep
 ``none``, peak RSS of a fresh process running the same steps (and its ratio), and the median step time as
 a ratio to ``none`` measured in this process, methods interleaved.
 
-    python benchmarks/compressor.py                 # both models, batch 2
-    python benchmarks/compressor.py --model lowrank --batch 8 --steps 5
+    python benchmarks/compressor.py                 # both models, batch 2, 1 thread
+    python benchmarks/compressor.py --model lowrank --batch 8 --steps 5 --threads 2
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 from torch import nn
 
 import laser
+from common import RESULT, environment, fresh_process, interleaved_medians, markdown_table, set_threads
 from laser.models.trm import TRM, preset
 from laser.report import format_bytes
 
@@ -88,21 +85,13 @@ def train_step(model: nn.Module, method: laser.ActivationMethod, inputs: torch.T
 
 def child(model_name: str, method_name: str, batch: int, steps: int) -> None:
     """Run in a fresh process: ``steps`` steps, then print peak RSS and the saved bytes as JSON."""
-    torch.set_num_threads(2)
     model, inputs, loss_fn = make(model_name, batch)
     method = build(method_name, model)
     for _ in range(steps):
         train_step(model, method, inputs, loss_fn)
     report = method.report()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"peak_rss": peak, "stored": report.stored_bytes, "raw": report.raw_bytes}))
-
-
-def fresh_process(model_name: str, method_name: str, batch: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method_name, "--model", model_name,
-           "--batch", str(batch), "--steps", str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    print(RESULT + json.dumps({"peak_rss": peak, "stored": report.stored_bytes, "raw": report.raw_bytes}))
 
 
 def timed(model_name: str, batch: int, steps: int) -> dict[str, float]:
@@ -113,13 +102,8 @@ def timed(model_name: str, batch: int, steps: int) -> dict[str, float]:
         method = build(name, model)
         train_step(model, method, inputs, loss_fn)  # warm-up and basis initialisation
         runs[name] = (model, method, inputs, loss_fn)
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for _ in range(steps):
-        for name, (model, method, inputs, loss_fn) in runs.items():
-            start = time.perf_counter()
-            train_step(model, method, inputs, loss_fn)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    steps_by_name = {name: (lambda run=run: train_step(*run)) for name, run in runs.items()}
+    return interleaved_medians(steps_by_name, steps)[0]
 
 
 def main() -> None:
@@ -127,25 +111,26 @@ def main() -> None:
     parser.add_argument("--model", choices=["trm", "lowrank", "both"], default="both")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
     parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)
     if args.child:
         child(args.model, args.child, args.batch, args.steps)
         return
-    torch.set_num_threads(2)
     for model_name in ["trm", "lowrank"] if args.model == "both" else [args.model]:
         step_time = timed(model_name, args.batch, args.steps)
-        memory = {name: fresh_process(model_name, name, args.batch, 2) for name in METHODS}
+        common_args = ["--model", model_name, "--batch", str(args.batch), "--steps", "2",
+                       "--threads", str(args.threads)]
+        memory = {name: fresh_process(__file__, ["--child", name, *common_args]) for name in METHODS}
         base = memory["none"]
-        print(f"\n### {model_name}: batch {args.batch}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {args.steps} timed steps\n")
-        print("| method | saved bytes | vs none | peak RSS (fresh process) | vs none | step time vs none |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name in METHODS:
-            m = memory[name]
-            print(f"| {name} | {format_bytes(m['stored'])} | {m['stored'] / base['stored']:.3f} | "
-                  f"{format_bytes(m['peak_rss'])} | {m['peak_rss'] / base['peak_rss']:.3f} | "
-                  f"{step_time[name] / step_time['none']:.3f} |")
+        print(f"\n### {model_name}: batch {args.batch}, {args.steps} timed steps\n\n{environment('cpu')}\n")
+        rows = [[name, format_bytes(m["stored"]), f"{m['stored'] / base['stored']:.3f}",
+                 format_bytes(m["peak_rss"]), f"{m['peak_rss'] / base['peak_rss']:.3f}",
+                 f"{step_time[name] / step_time['none']:.3f}"]
+                for name, m in memory.items()]
+        print(markdown_table(["method", "saved bytes", "vs none", "peak RSS (fresh process)", "vs none",
+                              "step time vs none"], rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""How close LASER's stored bytes and its compression time are to their floors, on the looped TRM block.
+
+**Bytes.** At the ranks a run reached, codes and bases cannot take less than, per site,
+``sum_i N_i * k * c (+ k * 4 per tensor for int8 scales) + D * k * 4`` (``N_i`` rows of each saved storage,
+``c`` bytes per code: the activation's dtype, or 1 for int8; one fp32 basis per site), or the raw bytes
+where that is not smaller; storages the method never admits (small, non-float, strided) stay raw. The
+floor is computed from the report's ranks and the storages each site saved (recorded by a method that
+only watches), next to the bytes the report measured; the gap is what fallbacks and narrow sites cost.
+
+**Time.** Beyond the block's own work a compressed tensor costs a projection ``Z = X Q`` (N x D x k
+multiply-adds), an accumulation ``M += X^T Z`` (D x N x k) and a reconstruction ``X_hat = Z Q^T``
+(N x k x D) in backward: ``6 N D k`` FLOPs. Their share of the block's forward+backward FLOPs (counted
+analytically, see :func:`block_flops`) is the overhead floor: at the same FLOP rate the step-time ratio
+cannot be below ``1 + share``. It is printed next to the step-time ratio measured against ``none``
+(median of interleaved rounds after warm-up).
+
+    python benchmarks/floor.py                              # D 256 and 512, depth 8, rank 64
+    python benchmarks/floor.py --dims 512 --depths 24 --ranks 64 128 --sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import laser
+from common import (
+    MethodSpec,
+    TrainingRun,
+    Workload,
+    check_device,
+    environment,
+    interleaved_medians,
+    markdown_table,
+    method_specs,
+    ranks_reached,
+    set_threads,
+    size,
+    synchronizer,
+)
+from laser.hooks import Packed
+from laser.models.trm import TRMConfig
+from laser.report import Report
+
+LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8"]
+BASIS_BYTES = 4  # bases are fp32
+SCALE_BYTES = 4  # one fp32 scale per int8 code column
+
+
+@dataclass
+class SiteShapes:
+    """The storages one site admitted during a step: rows of each, width and element size."""
+
+    dim: int
+    element_size: int
+    rows: list[int] = field(default_factory=list)
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes these storages take raw."""
+        return sum(self.rows) * self.dim * self.element_size
+
+
+class ShapeRecorder(laser.ActivationMethod):
+    """Stores everything raw and records, per site, the rows, width and element size of each admitted storage.
+
+    Admission is the shared plumbing's (same defaults as every method), so these are the storages LASER
+    would encode.
+    """
+
+    name = "recorder"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model, laser.NoneConfig())
+        self.shapes: dict[str, SiteShapes] = {}
+
+    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+        shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.element_size()))
+        shapes.rows.append(x.shape[0])
+        return None
+
+
+def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool) -> int:
+    """Least bytes a site's storages (``rows[i]`` x ``dim``) take as rank-``rank`` codes plus one basis.
+
+    Codes cost ``element_size`` bytes each (1 with int8, plus one fp32 scale per column and tensor); the
+    basis is ``dim x rank`` fp32. Where that is not smaller than the raw storages, the raw bytes (int8 codes
+    pay even at ``rank == dim``, where they are a plain int8 quantization).
+    """
+    raw = sum(rows) * dim * element_size
+    code_bytes = 1 if int8 else element_size
+    scales = SCALE_BYTES * rank * len(rows) if int8 else 0
+    codes = sum(rows) * rank * code_bytes + scales + dim * rank * BASIS_BYTES
+    return min(codes, raw)
+
+
+def compression_flops(rows: Sequence[int], dim: int, rank: int) -> int:
+    """FLOPs of projection, accumulation and reconstruction for storages of ``rows[i]`` x ``dim`` at ``rank``."""
+    return 3 * 2 * sum(rows) * dim * rank
+
+
+def block_flops(cfg: TRMConfig, batch: int, seq: int) -> int:
+    """Matmul and attention FLOPs of one TRM forward+backward (the grad cycle and the output head).
+
+    Per block call on ``N = batch * seq`` tokens, forward: the linears ``qkv`` (D -> 3D), ``o`` (D -> D),
+    ``gate_up`` (D -> 2I) and ``down`` (I -> D) take ``2 N (4 D^2 + 3 D I)``, attention ``QK^T`` and
+    ``PV`` take ``4 N seq D``. Backward: twice the forward for linears (input and weight gradients),
+    2.5 times for attention (flash-style: ``QK^T`` recomputed, then ``dV``, ``dP``, ``dQ``, ``dK``). A step
+    with grad runs ``L_cycles + 1`` calls of ``L_layers`` blocks; the head (D -> vocab) runs once. The
+    benchmarks' TRM has ``H_cycles = n_sup = 1``: no forward runs without grad.
+    """
+    tokens = batch * seq
+    d, inter = cfg.hidden, cfg.inter
+    linear = 2 * tokens * (4 * d * d + 3 * d * inter)
+    attention = 4 * tokens * seq * d
+    calls = (cfg.L_cycles + 1) * cfg.L_layers
+    head = 2 * tokens * d * cfg.vocab
+    return calls * (3 * linear + 7 * attention // 2) + 3 * head
+
+
+def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
+    """The storages each site admits during one forward of the workload's model."""
+    run = TrainingRun(workload, MethodSpec("bare", None))
+    recorder = ShapeRecorder(run.model)
+    with recorder:
+        loss = run.forward()
+    loss.backward()
+    recorder.remove()
+    return recorder.shapes
+
+
+def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool) -> list[dict]:
+    """Per site: dim, tensors, rows, rank reached, raw, measured and floor bytes, and extra FLOPs."""
+    rows = []
+    for site in report.sites:
+        shape = shapes.get(site.name)
+        floor, flops = site.raw_bytes, 0
+        if shape is not None:
+            codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8)
+            floor += codes - shape.raw_bytes
+            if codes < shape.raw_bytes:
+                flops = compression_flops(shape.rows, shape.dim, site.rank)
+        rows.append({"site": site.name, "dim": site.dim, "tensors": site.tensors,
+                     "rows": sum(shape.rows) if shape is not None else 0, "rank": site.rank,
+                     "raw": site.raw_bytes, "stored": site.stored_bytes, "floor": floor, "flops": flops})
+    return rows
+
+
+def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> tuple[dict, dict, int]:
+    """Step times (interleaved, with ``none``) and last-step reports of every spec, and the rounds timed."""
+    runs = {spec.label: TrainingRun(workload, spec) for spec in specs}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run.step()
+    times, rounds = interleaved_medians({label: run.step for label, run in runs.items()}, args.steps,
+                                        synchronizer(workload.device))
+    reports = {label: run.report() for label, run in runs.items()}
+    del runs
+    gc.collect()
+    return times, reports, rounds
+
+
+def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> str:
+    """The summary table of one workload (and the per-site tables with ``--sites``)."""
+    times, reports, rounds = measure(workload, specs, args)
+    shapes = record_shapes(workload)
+    block = block_flops(workload.trm_config(), workload.batch, workload.maze**2)
+    summary, details = [], []
+    for spec in specs[1:]:
+        site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8")
+        stored = sum(r["stored"] for r in site_rows)
+        floor = sum(r["floor"] for r in site_rows)
+        share = sum(r["flops"] for r in site_rows) / block
+        measured = times[spec.label] / times["none"]
+        summary.append([
+            spec.label, ranks_reached(reports[spec.label]),
+            size(sum(r["raw"] for r in site_rows)), size(stored), size(floor), f"{stored / floor:.3f}",
+            f"{100 * share:.1f}%", f"{1 + share:.3f}", f"{measured:.3f}",
+            f"{(measured - 1) / share:.2f}" if share else "-",
+        ])
+        if args.sites:
+            details.append(f"\n{spec.label}: per site\n\n" + markdown_table(
+                ["site", "dim", "tensors", "rows", "rank", "raw", "stored", "floor", "extra GFLOP"],
+                [[r["site"], r["dim"], r["tensors"], r["rows"], r["rank"], size(r["raw"]), size(r["stored"]),
+                  size(r["floor"]), f"{r['flops'] / 1e9:.3f}"] for r in site_rows]))
+    headers = ["method", "ranks", "raw", "stored", "floor", "stored / floor", "extra FLOPs / block",
+               "time ratio floor", "time ratio measured", "measured overhead / floor"]
+    title = (f"### {workload.title()}\n\n{environment(workload.device)}; block forward+backward "
+             f"{block / 1e9:.2f} GFLOP per step; step times: median of {rounds} interleaved rounds after "
+             f"{args.warmup} warm-up steps, ratio to none ({1000 * times['none']:.1f} ms).\n")
+    return f"{title}\n{markdown_table(headers, summary)}\n" + "\n".join(details)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
+    parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
+    parser.add_argument("--methods", nargs="+", default=LASER_VARIANTS[:4], choices=LASER_VARIANTS,
+                        metavar="METHOD", help=f"LASER variants, from: {', '.join(LASER_VARIANTS)}")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    parser.add_argument("--sites", action="store_true", help="also print the per-site floor tables")
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_device(args.device)
+    set_threads(args.threads)
+    specs = method_specs(args.methods, args.ranks)
+    for dim in args.dims:
+        for depth in args.depths:
+            workload = Workload(dim, depth, args.batch, args.maze, args.device, args.amp)
+            print(tables(workload, specs, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

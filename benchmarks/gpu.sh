@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared GPU check (at most 8 minutes wall on an H200): the paper's TRM (D=512, 8 heads, SwiGLU 1536,
+# 24 recursion steps, seq 121) at batch 64 under bf16 autocast, on maze batches, for none, laser at rank 128
+# and 256 (library defaults otherwise), laser with int8 codes, and checkpoint. It prints one markdown table:
+# saved bytes (report), activation bytes held after the forward (torch.cuda.memory_allocated), max memory
+# allocated over one step (and its rise above the memory in use before it), and the step time as a ratio to
+# none, from a few hundred interleaved steps.
+#
+#   bash benchmarks/gpu.sh                                      # on the GPU machine, from the repo root
+#   bash benchmarks/gpu.sh --device cpu --steps 2 --batch 2     # dry run of the same script on a CPU
+#
+# Extra arguments go to benchmarks/step.py and override the settings below (the last occurrence wins).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The machine has no network: install without build isolation, and fall back to src/ on the path.
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('laser') is None)"; then
+    pip install -q --no-deps --no-build-isolation -e . || {
+        echo "pip install failed; importing laser from src/" >&2
+        export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    }
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+# The timed phase stops after --budget seconds; the memory probes and the first-step SVDs take well under a
+# minute more, and the outer timeout keeps the whole run inside the 8 minutes even if something stalls.
+timeout 460 python benchmarks/step.py \
+    --device cuda --amp bf16 --batch 64 --dims 512 --depths 24 --ranks 128 256 \
+    --methods none laser laser-int8 checkpoint \
+    --warmup 3 --steps 300 --budget 240 --memory inprocess --threads 1 \
+    "$@"

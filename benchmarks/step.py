@@ -1,0 +1,149 @@
+"""Training-step time, saved bytes and peak memory of every activation-memory method on the looped TRM block.
+
+For each width D, recursion depth n (TRM ``L_cycles``) and LASER rank, one table: ``none``, ``laser`` with
+policy ``paper`` and ``guarded`` (codes in the activation dtype and int8), ``quant`` at 8 and 4 bits and
+``checkpoint`` (``TRMConfig(checkpoint=True)``: each block call recomputed in backward, with ``none``).
+A step is forward + backward + the method's update + AdamW, on maze batches (``laser.data.maze``), from
+the same initial weights for every method. Columns:
+
+* **saved (report)**: saved-activation bytes the method's report counts for the last step (unique storages:
+  codes, scales, bases, raw fallbacks). Under ``checkpoint`` it counts what autograd keeps outside the
+  recomputed calls.
+* **held after fwd**: bytes the forward allocated and left alive for backward, from the allocator (see
+  ``common.py``); beyond the report it includes the method's per-step statistics (LASER's accumulators
+  ``X^T Z`` and sampled rows).
+* **peak**: peak RSS of a fresh process over one step on a CPU, ``torch.cuda.max_memory_allocated`` on a
+  GPU; **step rise**: that peak minus the memory in use before the step (model, optimizer, data).
+* **step time**: median over interleaved rounds after warm-up (LASER stores each site's first step raw while
+  its basis initialises, and pays a one-off SVD then).
+
+Every ratio is to ``none`` measured in the same run.
+
+    python benchmarks/step.py                                   # default grid: a few minutes on 1 CPU thread
+    python benchmarks/step.py --dims 512 --depths 8 24 48 --ranks 128 --methods laser-paper checkpoint
+    python benchmarks/step.py --full --device cuda --amp bf16 --batch 64   # whole grid, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import (
+    VARIANTS,
+    MethodSpec,
+    TrainingRun,
+    Workload,
+    check_device,
+    environment,
+    interleaved_medians,
+    markdown_table,
+    method_specs,
+    probe_memory,
+    probe_memory_fresh,
+    ranks_reached,
+    ratio,
+    set_threads,
+    size,
+    synchronizer,
+)
+
+DEFAULT_METHODS = ["none", "laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "quant8",
+                   "quant4", "checkpoint"]
+FULL_GRID = {"dims": [256, 512, 1024], "depths": [8, 24, 48], "ranks": [64, 128, 256]}
+HEADERS = ["method", "ranks", "saved (report)", "vs none", "held after fwd", "vs none", "peak", "vs none",
+           "step rise", "vs none", "step time", "vs none"]
+
+
+def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> tuple[dict, int]:
+    """Time all methods interleaved in this process, then probe each one's memory alone.
+
+    Returns ``{label: {"time", "ranks", "held", "peak", "rise", "stored"}}`` and the rounds timed.
+    """
+    runs = {spec.label: TrainingRun(workload, spec) for spec in specs}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run.step()
+    times, rounds = interleaved_medians({label: run.step for label, run in runs.items()}, args.steps,
+                                        synchronizer(workload.device), args.budget)
+    results = {label: {"time": times[label], "ranks": ranks_reached(run.report())}
+               for label, run in runs.items()}
+    del runs
+    gc.collect()
+    for spec in specs:
+        if args.memory == "fresh":
+            results[spec.label] |= probe_memory_fresh(workload, spec, args.warmup)
+        elif args.memory == "inprocess":
+            results[spec.label] |= probe_memory(workload, spec, args.warmup)
+            gc.collect()
+            if workload.device == "cuda":
+                torch.cuda.empty_cache()
+    return results, rounds
+
+
+def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: int, args: argparse.Namespace) -> str:
+    """The markdown table of one workload, titled with how it was measured."""
+    base = results["none"]
+    rows = []
+    for spec in specs:
+        r = results[spec.label]
+        rows.append([
+            spec.label, r["ranks"],
+            size(r.get("stored")), ratio(r.get("stored"), base.get("stored")),
+            size(r.get("held")), ratio(r.get("held"), base.get("held")),
+            size(r.get("peak")), ratio(r.get("peak"), base.get("peak")),
+            size(r.get("rise")), ratio(r.get("rise"), base.get("rise")),
+            f"{1000 * r['time']:.1f} ms", ratio(r["time"], base["time"]),
+        ])
+    peak = {"fresh": "peak RSS of a fresh process", "inprocess": (
+        "max_memory_allocated" if workload.device == "cuda" else "peak RSS in this process"),
+        "off": "not measured"}[args.memory]
+    title = (f"### {workload.title()}\n\n{environment(workload.device)}; step time: median of {rounds} "
+             f"interleaved rounds after {args.warmup} warm-up steps; peak: {peak}.\n")
+    return f"{title}\n{markdown_table(HEADERS, rows)}\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
+    parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(VARIANTS), metavar="METHOD",
+                        help=f"methods to compare, from: {', '.join(VARIANTS)} (none is always included)")
+    parser.add_argument("--full", action="store_true", help="the whole grid D x n x rank (meant for a GPU)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
+    parser.add_argument("--budget", type=float, default=None, help="stop timing a shape after this many seconds")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
+    parser.add_argument("--memory", choices=["fresh", "inprocess", "off"], default=None,
+                        help="memory probe: fresh process (CPU default), in this process (GPU default), or off")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
+    if args.full:
+        args.dims, args.depths, args.ranks = FULL_GRID["dims"], FULL_GRID["depths"], FULL_GRID["ranks"]
+    if args.memory is None:
+        args.memory = "inprocess" if args.device == "cuda" else "fresh"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_device(args.device)
+    set_threads(args.threads)
+    specs = method_specs(args.methods, args.ranks)
+    for dim in args.dims:
+        for depth in args.depths:
+            workload = Workload(dim, depth, args.batch, args.maze, args.device, args.amp)
+            results, rounds = measure(workload, specs, args)
+            print(table(workload, specs, results, rounds, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Head-to-head comparison of activation-memory methods: same data, same init, same seeds.
+
+Each (method, seed) trains in a fresh process (:mod:`laser.train.worker`), so its CPU peak memory is its own.
+The comparison writes ``OUT/results.json`` (one entry per method), ``OUT/report.md`` (table, per-site rows,
+plots, config, wall time) and ``OUT/config.json``.
+
+>>> results = compare(train_preset("tiny"), ["none", "laser:rank=4"], seeds=2, out_dir="runs/demo")  # doctest: +SKIP
+>>> results["laser:rank=4"]["solve_rate"]["mean"]
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from laser.report import format_bytes
+from laser.train.config import MethodSpec, TrainConfig, config_to_dict, parse_method_spec, with_method
+from laser.train.trainer import write_json
+
+PAPER_SEEDS = (100, 101, 102, 103, 104)
+DEFAULT_METHODS = ("none", "laser", "laser:quantize=int8")
+BASELINE = "none"
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def summarize(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "per_seed"}`` of per-seed values (sample std, 0 for a single seed)."""
+    values = [float(v) for v in values]
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided Welch t-test p-value of ``a`` against ``b``; None with fewer than 2 values each or no variance."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
+        return None
+    p = float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
+    return None if math.isnan(p) else p
+
+
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """The first ``seeds`` of the paper's seeds 100-104 (continuing upwards past five), or the seeds given."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds={seeds} is invalid: need at least 1")
+        return [PAPER_SEEDS[0] + i for i in range(seeds)]
+    return [int(s) for s in seeds]
+
+
+# ------------------------------------------------------------------------------------------------- runs
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
+
+
+def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0) -> dict:
+    """Train ``cfg`` in a fresh Python process writing into ``run_dir``; returns its result dict."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path, result_path, log_path = run_dir / "config.json", run_dir / "result.json", run_dir / "worker.log"
+    write_json(config_path, config_to_dict(cfg))
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "laser.train.worker", str(config_path), str(result_path), str(threads)]
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    if code != 0 or not result_path.exists():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"training run in {run_dir} failed (exit code {code}); last lines of {log_path}:\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+def default_jobs(cfg: TrainConfig, runs: int) -> int:
+    """Runs trained at once by default: one on a GPU (they would share it), else one per CPU core.
+
+    One thread per run on a small CPU model is faster than several threads per run, and it keeps a busy
+    machine from oversubscribing its cores (OpenMP's spin-waiting then slows small kernels down badly).
+    """
+    if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda_available()):
+        return 1
+    return max(1, min(runs, os.cpu_count() or 1))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compare(
+    cfg: TrainConfig,
+    methods: Sequence[str | MethodSpec] = DEFAULT_METHODS,
+    seeds: int | Sequence[int] = 2,
+    out_dir: str | Path = "runs/compare",
+    jobs: int = 0,
+    threads: int = 0,
+    preset: str = "",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train every method for every seed from ``cfg`` and write results.json, report.md and plots.
+
+    Args:
+        cfg: the shared settings; each run gets the method of its spec and the seed.
+        methods: method specs (``"laser:rank=64,quantize=int8"``, ``"none+checkpoint"``); the baseline is
+            ``"none"`` when listed, else the first.
+        seeds: how many of the seeds 100, 101, ... (or the seeds themselves).
+        out_dir: the output folder.
+        jobs: runs trained at once, each in its own process (0: :func:`default_jobs`).
+        threads: torch threads per run (0: the CPU cores divided among the jobs).
+        preset: the preset's name, for the report.
+        log: where progress lines go.
+
+    Returns the results dict written to results.json: ``{method label: entry}``.
+    """
+    specs = [parse_method_spec(m) if isinstance(m, str) else m for m in methods]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"methods={labels} is invalid: each method may be listed once")
+    seeds = seed_list(seeds)
+    jobs = jobs or default_jobs(cfg, len(specs) * len(seeds))
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} is invalid: need at least 1 (0 picks one per CPU core, 1 on a GPU)")
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    baseline = BASELINE if BASELINE in labels else labels[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {
+        (spec.label, seed): _run_config(cfg, spec, seed, out / "runs" / _slug(spec.label) / f"seed{seed}")
+        for seed in seeds
+        for spec in specs
+    }
+    resolved = {
+        "preset": preset,
+        "methods": labels,
+        "baseline": baseline,
+        "seeds": seeds,
+        "jobs": jobs,
+        "threads": threads,
+        "base": config_to_dict(cfg),
+        "runs": {f"{label}/seed{seed}": config_to_dict(c) for (label, seed), c in configs.items()},
+    }
+    write_json(out / "config.json", resolved)
+    log(f"laser compare: preset {preset or '(custom)'}, methods {', '.join(labels)}, seeds {seeds}, "
+        f"{jobs} job(s) x {threads} thread(s) -> {out}")
+    log("resolved config: " + json.dumps(config_to_dict(cfg)))
+
+    start = time.perf_counter()
+    runs: dict[tuple[str, int], dict] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_worker, c, Path(c.out_dir), threads): key for key, c in configs.items()}
+        for future in concurrent.futures.as_completed(futures):
+            label, seed = futures[future]
+            runs[(label, seed)] = r = future.result()
+            log(f"  {label} seed {seed}: solve {r['final']['solve_rate']:.3f} "
+                f"(trivial {r['trivial_solve_rate']:.3f}), token acc {r['final']['token_acc']:.4f}, "
+                f"activations {format_bytes(r['activation_bytes'])}, median step {r['median_step_seconds']:.3f} s")
+    wall = time.perf_counter() - start
+
+    results = {label: _entry(label, labels, baseline, seeds, runs) for label in labels}
+    write_json(out / "results.json", results)
+    plots = write_plots(results, out)
+    table = markdown_table(results, baseline)
+    (out / "report.md").write_text(
+        render_report(results, resolved, table, plots, wall, baseline) + "\n"
+    )
+    log("\n" + table)
+    log(f"\nwall time {wall:.0f} s; report: {out / 'report.md'}")
+    return results
+
+
+def _run_config(cfg: TrainConfig, spec: MethodSpec, seed: int, run_dir: Path) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(with_method(cfg, spec), seed=seed, out_dir=str(run_dir), progress=False)
+
+
+def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs: dict) -> dict:
+    """One method's row of results.json, aggregated over seeds."""
+    mine = [runs[(label, s)] for s in seeds]
+    base = [runs[(baseline, s)] for s in seeds]
+    solve = [r["final"]["solve_rate"] for r in mine]
+    acc = [r["final"]["token_acc"] for r in mine]
+    is_baseline = label == baseline
+    probes = [r["grad_cosine"] for r in mine]
+    sites = sorted({site for p in probes if p for site in p[-1]["sites"]})
+    return {
+        "method": label,
+        "name": mine[0]["method"],
+        "options": mine[0]["method_options"],
+        "baseline": is_baseline,
+        "seeds": seeds,
+        "activation_bytes": summarize([r["activation_bytes"] for r in mine]),
+        "raw_activation_bytes": summarize([r["raw_activation_bytes"] for r in mine]),
+        "activation_ratio": summarize([r["activation_bytes"] / b["activation_bytes"] for r, b in zip(mine, base,
+                                                                                                      strict=True)]),
+        "peak_memory_bytes": summarize([r["peak_memory_bytes"] for r in mine]),
+        "step_time_ratio": summarize([r["median_step_seconds"] / b["median_step_seconds"]
+                                      for r, b in zip(mine, base, strict=True)]),
+        "median_step_seconds": summarize([r["median_step_seconds"] for r in mine]),
+        "token_acc": summarize(acc),
+        "solve_rate": summarize(solve),
+        "trivial_solve_rate": mine[0]["trivial_solve_rate"],
+        "p_value": None if is_baseline else welch_p_value(solve, [b["final"]["solve_rate"] for b in base]),
+        "p_value_token_acc": None if is_baseline else welch_p_value(acc, [b["final"]["token_acc"] for b in base]),
+        "gradient_cosine": {
+            "model": summarize([p[-1]["model"] for p in probes if p]),
+            "curve": [{"step": point["step"], "model": summarize([p[i]["model"] for p in probes])}
+                      for i, point in enumerate(probes[0])] if all(len(p) == len(probes[0]) for p in probes) else [],
+            "sites": {site: summarize([p[-1]["sites"][site] for p in probes if p and site in p[-1]["sites"]])
+                      for site in sites},
+        },
+        "compression_share": summarize([r["compression_share"] for r in mine]),
+        "wall_seconds": summarize([r["wall_seconds"] for r in mine]),
+        "steps": mine[0]["steps"],
+        "device": mine[0]["device"],
+        "precision": mine[0]["precision"],
+        "report": mine[0]["report"],
+        "curves": {str(s): {"eval": r["curves"]["eval"],
+                            "train": [{k: t[k] for k in ("step", "loss", "token_acc", "stored_bytes", "ranks")}
+                                      for t in r["curves"]["train"]]}
+                   for s, r in zip(seeds, mine, strict=True)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _pm(stat: dict, scale: float = 1.0, digits: int = 2, percent: bool = False) -> str:
+    factor = 100.0 if percent else scale
+    mean, std = stat["mean"] * factor, stat["std"] * factor
+    suffix = "%" if percent else ""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{suffix}"
+
+
+def markdown_table(results: dict, baseline: str) -> str:
+    """The comparison table (markdown): memory, speed, accuracy with mean ± std over seeds, p-values."""
+    header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
+              "val token acc", "val solve rate", "p (solve)", "trivial solve", "grad cosine"]
+    rows = []
+    for label, e in results.items():
+        p = e["p_value"]
+        cos = e["gradient_cosine"]["model"]
+        rows.append([
+            label + (" (baseline)" if label == baseline else ""),
+            format_bytes(e["activation_bytes"]["mean"]),
+            f"{e['activation_ratio']['mean']:.3f}",
+            format_bytes(e["peak_memory_bytes"]["mean"]),
+            _pm(e["step_time_ratio"]),
+            _pm(e["token_acc"], percent=True),
+            _pm(e["solve_rate"], percent=True, digits=1),
+            "-" if p is None else f"{p:.3g}",
+            f"{100 * e['trivial_solve_rate']:.1f}%",
+            "-" if cos["mean"] is None else f"{cos['mean']:.4f}",
+        ])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_report(results: dict, resolved: dict, table: str, plots: list[str], wall: float, baseline: str) -> str:
+    """The whole report.md."""
+    first = next(iter(results.values()))
+    seeds = first["seeds"]
+    lines = [
+        f"# laser compare: preset {resolved['preset'] or '(custom)'}, {len(seeds)} seed(s) {seeds}",
+        "",
+        f"Wall time: {wall:.0f} s ({wall / 60:.1f} min), {resolved['jobs']} job(s) x {resolved['threads']} "
+        f"thread(s), device {first['device']}, precision {first['precision']}, {first['steps']} optimizer steps "
+        "per run.",
+        "",
+        f"Trivial solve rate (a model that copies its input grid): {100 * first['trivial_solve_rate']:.1f}% of "
+        "validation mazes.",
+        "",
+        table,
+        "",
+        "- activation memory: saved-activation bytes the method kept at the last training step (unique storages "
+        "held by the autograd graph, bases included), mean over seeds; *vs baseline* is its ratio to the "
+        f"baseline ({baseline}).",
+        "- peak memory: CPU: peak RSS of the run's own process (it includes the Python runtime and data); "
+        "CUDA: `torch.cuda.max_memory_allocated`.",
+        "- step time: median optimizer-step time divided by the baseline's, same seed, same comparison.",
+        "- val token acc / solve rate: final validation accuracy per cell and whole-grid exact match, "
+        "mean ± std over seeds; p: Welch t-test of the solve rate against the baseline (- for the baseline, "
+        "a single seed, or no variance).",
+        "- grad cosine: cosine between the method's parameter gradient and the exact one (same weights, method "
+        "off) on two fixed validation batches at the end of training, mean over seeds.",
+        "",
+        "## Gradient fidelity and compression time",
+        "",
+        "| method | grad cosine (whole model) | p (token acc) | compression share of step time |",
+        "|---|---|---|---|",
+    ]
+    for label, e in results.items():
+        cos, p = e["gradient_cosine"]["model"], e["p_value_token_acc"]
+        lines.append(f"| {label} | {'-' if cos['mean'] is None else _pm(cos, digits=4)} | "
+                     f"{'-' if p is None else f'{p:.3g}'} | {_pm(e['compression_share'], percent=True, digits=1)} |")
+    for label, e in results.items():
+        sites = e["report"]["sites"]
+        site_cos = e["gradient_cosine"]["sites"]
+        if not any(s["stored_bytes"] < s["raw_bytes"] for s in sites):
+            continue
+        lines += ["", f"## Sites of {label} (seed {seeds[0]}, last step)", "",
+                  "| site | dim | rank | fidelity | raw | stored | saved | grad cosine (only this site) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in sites:
+            cos = site_cos.get(s["name"])
+            cos_text = "-" if cos is None else f"{cos['mean']:.4f}"
+            lines.append(f"| {s['name']} | {s['dim']} | {s['rank']} | {s['fidelity']:.4f} | "
+                         f"{format_bytes(s['raw_bytes'])} | {format_bytes(s['stored_bytes'])} | "
+                         f"{100 * s['savings']:.1f}% | {cos_text} |")
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    lines += ["", "## Resolved config", "", "```json", json.dumps(resolved["base"], indent=1), "```",
+              "", f"Methods: {', '.join(resolved['methods'])}; seeds {seeds}; per-run configs in config.json."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _figure(width: float, height: float, panels: int = 1) -> tuple:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    return fig, axes
+
+
+def _mean_curve(entry: dict, key: str) -> tuple[list[int], list[float]]:
+    curves = [c["eval"] for c in entry["curves"].values()]
+    steps = [point["step"] for point in curves[0]]
+    usable = [c for c in curves if [point["step"] for point in c] == steps]
+    return steps, [statistics.fmean(c[i][key] for c in usable) for i in range(len(steps))]
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    """Validation curves, activation memory, per-site ranks and the two Pareto views, as PNGs in ``out``."""
+    names = []
+    trivial = next(iter(results.values()))["trivial_solve_rate"]
+
+    fig, (solve_ax, acc_ax) = _figure(11, 4, 2)
+    for label, e in results.items():
+        steps, solve = _mean_curve(e, "solve_rate")
+        solve_ax.plot(steps, [100 * v for v in solve], marker="o", label=label)
+        steps, acc = _mean_curve(e, "token_acc")
+        acc_ax.plot(steps, [100 * v for v in acc], marker="o", label=label)
+    solve_ax.axhline(100 * trivial, color="gray", linestyle="--", label="trivial (copy input)")
+    solve_ax.set(xlabel="optimizer step", ylabel="val solve rate (%)", title="Validation solve rate (mean of seeds)")
+    acc_ax.set(xlabel="optimizer step", ylabel="val token accuracy (%)", title="Validation token accuracy")
+    solve_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png")
+    names.append("val_curves.png")
+
+    fig, (ax,) = _figure(6, 4)
+    labels = list(results)
+    mib = [results[m]["activation_bytes"]["mean"] / 2**20 for m in labels]
+    err = [results[m]["activation_bytes"]["std"] / 2**20 for m in labels]
+    ax.bar(range(len(labels)), mib, yerr=err, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="saved activations (MiB)", title="Activation memory at the last step")
+    fig.tight_layout()
+    fig.savefig(out / "activation_memory.png")
+    names.append("activation_memory.png")
+
+    ranked = [m for m in labels if any(s["rank"] != s["dim"] for s in results[m]["report"]["sites"])]
+    fig, axes = _figure(5.5 * max(1, len(ranked)), 4, max(1, len(ranked)))
+    for ax, label in zip(axes, ranked, strict=False):
+        train = next(iter(results[label]["curves"].values()))["train"]
+        sites = sorted({s for t in train for s in t["ranks"]})
+        for site in sites:
+            points = [(t["step"], t["ranks"][site]) for t in train if site in t["ranks"]]
+            if any(r != int(site.rsplit(":", 1)[-1]) for _, r in points):
+                ax.plot(*zip(*points, strict=True), label=site)
+        ax.set(xlabel="optimizer step", ylabel="rank", title=f"Per-site ranks: {label}")
+        ax.legend(fontsize=6)
+    if not ranked:
+        axes[0].text(0.5, 0.5, "no method projects to a rank below the site width", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(out / "ranks.png")
+    names.append("ranks.png")
+
+    fig, (mem_solve, mem_time) = _figure(11, 4, 2)
+    for label, e in results.items():
+        x = e["activation_bytes"]["mean"] / 2**20
+        mem_solve.errorbar(x, 100 * e["solve_rate"]["mean"], yerr=100 * e["solve_rate"]["std"], fmt="o")
+        mem_solve.annotate(label, (x, 100 * e["solve_rate"]["mean"]), fontsize=7)
+        mem_time.errorbar(x, e["step_time_ratio"]["mean"], yerr=e["step_time_ratio"]["std"], fmt="o")
+        mem_time.annotate(label, (x, e["step_time_ratio"]["mean"]), fontsize=7)
+    mem_solve.axhline(100 * trivial, color="gray", linestyle="--")
+    mem_solve.set(xlabel="saved activations (MiB)", ylabel="val solve rate (%)", title="Memory vs solve rate")
+    mem_time.set(xlabel="saved activations (MiB)", ylabel="step time / baseline", title="Memory vs step time")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png")
+    names.append("pareto.png")
+    return names

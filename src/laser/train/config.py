@@ -1,0 +1,429 @@
+"""Training configuration: dataclasses validated on construction, named presets, ``key=value`` overrides.
+
+A :class:`TrainConfig` holds the model (a :class:`~laser.models.trm.TRMConfig`), the data
+(:class:`DataConfig`), the optimisation settings, the activation-memory method with its options, and the
+bookkeeping (evaluation, logging, checkpoints). Every setting is checked in ``__post_init__``, so a bad
+config fails before any data is generated, naming the key and the values it accepts.
+
+>>> cfg = apply_overrides(train_preset("quick"), ["model.hidden=128", "lr=3e-4", "method=laser", "method.rank=32"])
+>>> cfg.model.hidden, cfg.lr, cfg.method, cfg.method_options
+(128, 0.0003, 'laser', {'rank': 32})
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+from laser import methods
+from laser.data import maze
+from laser.models import trm
+
+PRECISIONS = ("fp32", "bf16")
+# Model settings that follow from the data and cannot be set on their own.
+DERIVED_MODEL_KEYS = ("seq_len", "vocab")
+# Settings that change bookkeeping only, never the trained weights: a run may resume with other values.
+BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "device", "out_dir", "progress")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class DataConfig:
+    """The maze split (paper Table 6): ``count`` mazes of ``size x size``, the last ``val_count`` for validation.
+
+    Attributes:
+        size: odd grid side (11 in the paper); the model's sequence length is ``size * size``.
+        count: mazes generated in all, validation included.
+        val_count: mazes held out for validation.
+        min_path: minimum number of PATH cells of a maze (0 keeps mazes whose start touches the goal).
+        seed: seed of the maze generator; the same for every method and training seed of a comparison.
+        cache_dir: where the generated split is cached as .npz (None: regenerate every time).
+    """
+
+    size: int = 11
+    count: int = 10_000
+    val_count: int = 1_000
+    min_path: int = 0
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.size) and self.size >= 5 and self.size % 2 == 1, "data.size", self.size,
+                 "must be an odd integer >= 5 (e.g. 7 or 11)")
+        _require(_is_int(self.val_count) and self.val_count >= 1, "data.val_count", self.val_count,
+                 "must be an integer >= 1")
+        _require(_is_int(self.count) and self.count > self.val_count, "data.count", self.count,
+                 f"must be an integer > data.val_count ({self.val_count})")
+        _require(_is_int(self.min_path) and 0 <= self.min_path <= maze.max_path_length(self.size),
+                 "data.min_path", self.min_path,
+                 f"must be an integer in [0, {maze.max_path_length(self.size)}] for data.size={self.size}")
+        _require(_is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "must be an integer >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the defaults are the paper's Table 4.
+
+    Attributes:
+        model: the TRM; its ``seq_len`` and ``vocab`` are set from the data.
+        data: the maze split.
+        method: activation-memory method, a name of :func:`laser.methods.names` (``"none"``: the baseline).
+        method_options: settings of the method's config (e.g. ``{"rank": 64, "quantize": "int8"}``).
+        lr, betas, weight_decay: AdamW settings.
+        warmup: optimizer steps of linear warmup before the cosine decay.
+        min_lr_ratio: the cosine decays from ``lr`` to ``min_lr_ratio * lr`` at the last step.
+        batch: mazes per batch; every batch is trained for ``model.n_sup`` optimizer steps (deep supervision).
+        epochs: passes over the training mazes (the last partial batch of an epoch is dropped).
+        max_steps: when > 0, train exactly this many optimizer steps instead of ``epochs`` passes.
+        grad_clip: maximum global gradient norm.
+        precision: ``"fp32"``, or ``"bf16"`` autocast where the device supports it (fp32 elsewhere).
+        seed: seed of the model init and of the data order.
+        eval_every: evaluate every this many optimizer steps (0: only at the end).
+        eval_count: validation mazes used by the periodic evaluations (0: all); the final one uses all.
+        log_every: write a metrics line every this many steps.
+        checkpoint_every: save a checkpoint every this many steps (0: only at the end of ``train``).
+        grad_probe_at: fractions of training at which gradient fidelity is measured (empty: never).
+        grad_probe_batch: mazes in each of the two fixed validation batches of the gradient probe.
+        grad_probe_sites: also measure it with one site compressed at a time.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        out_dir: where metrics, checkpoints and the config go (None: nothing is written).
+        progress: show a progress bar when stderr is a terminal.
+    """
+
+    model: trm.TRMConfig = field(default_factory=trm.TRMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: str = "none"
+    method_options: dict = field(default_factory=dict)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-2
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    batch: int = 64
+    epochs: int = 16
+    max_steps: int = 0
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    seed: int = 100
+    eval_every: int = 0
+    eval_count: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    grad_probe_at: tuple[float, ...] = (0.1, 0.5, 1.0)
+    grad_probe_batch: int = 32
+    grad_probe_sites: bool = True
+    device: str = "auto"
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, trm.TRMConfig), "model", self.model, "must be a TRMConfig")
+        _require(isinstance(self.data, DataConfig), "data", self.data, "must be a DataConfig")
+        # The model reads mazes of the data's size, in the maze vocabulary.
+        self.model = dataclasses.replace(self.model, seq_len=self.data.size**2, vocab=maze.VOCAB_SIZE)
+        _require(isinstance(self.method_options, dict), "method_options", self.method_options, "must be a dict")
+        methods.make_config(self.method, **self.method_options)  # unknown method or option: fails here
+        _require(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr", self.lr,
+                 "must be a finite number > 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "must be two numbers in [0, 1)")
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for key in ("warmup", "max_steps", "eval_every", "eval_count", "checkpoint_every"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 0, key, value, "must be an integer >= 0")
+        for key in ("batch", "epochs", "log_every", "grad_probe_batch"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 1, key, value, "must be an integer >= 1")
+        n_train = self.data.count - self.data.val_count
+        _require(self.batch <= n_train, "batch", self.batch,
+                 f"must be <= the training mazes (data.count - data.val_count = {n_train})")
+        _require(2 * self.grad_probe_batch <= self.data.val_count or not self.grad_probe_at, "grad_probe_batch",
+                 self.grad_probe_batch, f"two probe batches must fit in data.val_count ({self.data.val_count})")
+        _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        self.grad_probe_at = tuple(float(f) for f in self.grad_probe_at)
+        _require(all(0 < f <= 1 for f in self.grad_probe_at), "grad_probe_at", self.grad_probe_at,
+                 "must be fractions of training in (0, 1]")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                 self.device, "use auto, cpu, cuda or cuda:N")
+
+    @property
+    def n_train(self) -> int:
+        """Training mazes."""
+        return self.data.count - self.data.val_count
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches in one pass over the training mazes."""
+        return self.n_train // self.batch
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (every batch takes ``model.n_sup`` of them)."""
+        if self.max_steps:
+            return self.max_steps
+        return self.epochs * self.batches_per_epoch * self.model.n_sup
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def _paper() -> TrainConfig:
+    """Tables 3-6 of the paper: 11x11 mazes, 10k (9k/1k), D=512 TRM with 24 L-cycles, AdamW 1e-4, bf16."""
+    return TrainConfig(model=trm.preset("paper"), data=DataConfig(size=11, count=10_000, val_count=1_000),
+                       precision="bf16", eval_every=500, eval_count=0, checkpoint_every=500, log_every=10)
+
+
+def _paper_cpu() -> TrainConfig:
+    """The paper's data and optimisation with the TRM's CPU-sized shape (D=64, 8 L-cycles), fp32."""
+    return TrainConfig(model=trm.preset("paper-cpu"), data=DataConfig(size=11, count=10_000, val_count=1_000),
+                       precision="fp32", eval_every=500, checkpoint_every=500)
+
+
+def _quick() -> TrainConfig:
+    """Learns mazes on two CPU cores in about a minute per run (see ``results/compare-quick.md``)."""
+    return TrainConfig(
+        model=dataclasses.replace(trm.preset("quick"), hidden=64, heads=2, L_layers=1, H_cycles=2, L_cycles=4,
+                                  n_sup=4, path_weight=5.0),
+        data=DataConfig(size=7, count=20_512, val_count=512),
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup=50,
+        min_lr_ratio=0.1,
+        batch=64,
+        max_steps=600,
+        eval_every=100,
+        eval_count=256,
+        log_every=10,
+        grad_probe_at=(0.1, 1.0),
+    )
+
+
+def _tiny() -> TrainConfig:
+    """For tests: a few steps take well under a second."""
+    return TrainConfig(
+        model=dataclasses.replace(trm.preset("tiny"), hidden=16, heads=2, L_cycles=2, H_cycles=1, n_sup=2),
+        data=DataConfig(size=5, count=96, val_count=32),
+        lr=1e-3,
+        warmup=2,
+        batch=8,
+        max_steps=8,
+        eval_every=4,
+        log_every=2,
+        grad_probe_at=(0.5, 1.0),
+        grad_probe_batch=4,
+        progress=False,
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    "paper": _paper,
+    "paper-cpu": _paper_cpu,
+    "quick": _quick,
+    "tiny": _tiny,
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    """A fresh :class:`TrainConfig` of the named preset: ``"paper"``, ``"paper-cpu"``, ``"quick"`` or ``"tiny"``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# -------------------------------------------------------------------------------------------- overrides
+def parse_literal(text: str) -> object:
+    """A command-line value as int, float, bool, None or (failing those) the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, (int, float)) else text
+
+
+def _parse_as(text: str, kind: object, key: str) -> object:
+    """``text`` converted to the annotated type ``kind`` of setting ``key``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null") and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return _parse_as(text, kind, key)
+    if origin is tuple:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        element = args[0] if args else str
+        return tuple(_parse_as(p, element, key) for p in parts)
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}={text!r} is invalid: use true or false")
+        return lowered in ("true", "1", "yes")
+    if kind in (int, float):
+        try:
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r} is invalid: must be a number ({kind.__name__})") from None
+    return text
+
+
+def _settable(config_type: type, prefix: str) -> dict[str, object]:
+    """Overridable keys of a config dataclass and their annotated types."""
+    hints = typing.get_type_hints(config_type)
+    return {f"{prefix}{f.name}": hints[f.name] for f in fields(config_type)}
+
+
+def valid_keys(cfg: TrainConfig) -> list[str]:
+    """Every key :func:`apply_overrides` accepts for ``cfg`` (``method.<option>`` for its method's options)."""
+    top = {k: v for k, v in _settable(TrainConfig, "").items() if k not in ("model", "data", "method_options")}
+    model = {k: v for k, v in _settable(trm.TRMConfig, "model.").items()
+             if k.split(".")[1] not in DERIVED_MODEL_KEYS}
+    data = _settable(DataConfig, "data.")
+    options = [f"method.{name}" for name in method_option_names(cfg.method)]
+    return [*top, *model, *data, *options]
+
+
+def method_option_names(method: str) -> list[str]:
+    """Option names of a registered method (its config's fields)."""
+    return [f.name for f in fields(type(methods.make_config(method)))]
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A new config with ``key=value`` overrides applied in order; keys are dotted (``model.hidden=64``).
+
+    ``method=NAME`` switches the method (its options start empty unless given after it), ``method.OPT=V``
+    sets a method option. Values are parsed to the setting's type. An unknown key fails listing the valid
+    keys; the result is validated as a whole.
+    """
+    top: dict[str, object] = {}
+    model: dict[str, object] = {}
+    data: dict[str, object] = {}
+    method, options = cfg.method, dict(cfg.method_options)
+    top_types = _settable(TrainConfig, "")
+    model_types = _settable(trm.TRMConfig, "")
+    data_types = _settable(DataConfig, "")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is invalid: use key=value, e.g. model.hidden=64")
+        head, _, rest = key.partition(".")
+        if key == "method":
+            methods.make_config(text.strip())
+            method, options = text.strip(), {}
+        elif head == "method" and rest:
+            if rest not in method_option_names(method):
+                raise _unknown_key(key, cfg, method)
+            options[rest] = parse_literal(text)
+        elif head == "model" and rest in model_types and rest not in DERIVED_MODEL_KEYS:
+            model[rest] = _parse_as(text, model_types[rest], key)
+        elif head == "data" and rest in data_types:
+            data[rest] = _parse_as(text, data_types[rest], key)
+        elif not rest and key in top_types and key not in ("model", "data", "method_options"):
+            top[key] = _parse_as(text, top_types[key], key)
+        else:
+            raise _unknown_key(key, cfg, method)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, **model),
+        data=dataclasses.replace(cfg.data, **data),
+        method=method,
+        method_options=options,
+        **top,
+    )
+
+
+def _unknown_key(key: str, cfg: TrainConfig, method: str) -> ValueError:
+    keys = valid_keys(dataclasses.replace(cfg, method=method, method_options={}))
+    return ValueError(f"unknown setting {key!r}; valid keys: {', '.join(keys)}")
+
+
+# ------------------------------------------------------------------------------------------ method specs
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as written on the command line: ``laser:rank=64,quantize=int8+checkpoint``.
+
+    Attributes:
+        label: the spec as written (used to name results).
+        name: the registered method name.
+        options: the method's config options.
+        checkpoint: also recompute activations in backward (the model option ``checkpoint``).
+    """
+
+    label: str
+    name: str
+    options: dict
+    checkpoint: bool = False
+
+
+def parse_method_spec(spec: str) -> MethodSpec:
+    """Parse ``NAME[:k=v,...][+checkpoint]`` (``checkpoint`` alone is the baseline with recomputation).
+
+    Values are parsed as int, float, bool, None or str; the method and its options are validated.
+    """
+    parts = [p.strip() for p in spec.strip().split("+")]
+    checkpoint = "checkpoint" in parts[1:] or parts[0] == "checkpoint"
+    extra = [p for p in parts[1:] if p != "checkpoint"]
+    if not parts[0] or extra:
+        raise ValueError(f"method spec {spec!r} is invalid: use NAME[:key=value,...][+checkpoint] with NAME one "
+                         f"of {', '.join(methods.names())}, e.g. laser:rank=64,quantize=int8+checkpoint")
+    head = "none" if parts[0] == "checkpoint" else parts[0]
+    name, _, text = head.partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method option {item!r} in {spec!r} is invalid: use key=value")
+        options[key.strip()] = parse_literal(value)
+    methods.make_config(name.strip(), **options)
+    return MethodSpec(spec.strip(), name.strip(), options, checkpoint)
+
+
+def with_method(cfg: TrainConfig, spec: MethodSpec | str) -> TrainConfig:
+    """``cfg`` training with the method of ``spec`` (recomputation switched on when the spec asks)."""
+    spec = parse_method_spec(spec) if isinstance(spec, str) else spec
+    model = dataclasses.replace(cfg.model, checkpoint=cfg.model.checkpoint or spec.checkpoint)
+    return dataclasses.replace(cfg, model=model, method=spec.name, method_options=dict(spec.options))
+
+
+# ---------------------------------------------------------------------------------------- serialisation
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """Plain-data form of a config (JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys fail listing the valid ones."""
+    data = dict(data)
+    model = _build(trm.TRMConfig, data.pop("model", {}), "model")
+    dataset = _build(DataConfig, data.pop("data", {}), "data")
+    return _build(TrainConfig, data, "", model=model, data=dataset)
+
+
+def _build(config_type: type, values: dict, prefix: str, **extra: object) -> object:
+    hints = typing.get_type_hints(config_type)
+    names = [f.name for f in fields(config_type)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {[prefix + '.' + k if prefix else k for k in unknown]}; "
+                         f"valid keys: {', '.join(names)}")
+    kwargs = {k: tuple(v) if typing.get_origin(hints[k]) is tuple and v is not None else v
+              for k, v in values.items()}
+    return config_type(**kwargs, **extra)

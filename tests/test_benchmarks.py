@@ -1,0 +1,210 @@
+"""Benchmark scripts: hand-checked floors and FLOP counts, the helpers, and a smoke run of every script.
+
+The smoke runs use a tiny TRM (D=64, 2 recursion steps, 5x5 mazes) and check the tables' columns and rows,
+never timings.
+"""
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laser.models.trm import TRMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.append(str(BENCH))  # appended: benchmarks/profile.py must not shadow the standard library's profile
+common = importlib.import_module("common")
+
+TINY = ["--dims", "64", "--depths", "2", "--ranks", "16", "--batch", "1", "--maze", "5", "--warmup", "2",
+        "--steps", "2", "--threads", "1"]
+
+
+def load(name: str) -> object:
+    """A benchmark script as a module (by path: ``profile`` is also a standard-library name)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+floor = load("floor")
+step = load("step")
+profile = load("profile")
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """Cells of the markdown table under ``header`` (the header line itself, then the rows)."""
+    lines = text.splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+# ----------------------------------------------------------------------------- floors by hand
+
+
+def test_floor_bytes_by_hand():
+    # Two storages of 10 rows x 8 fp32 at rank 2: codes 20*2*4 = 160, basis 8*2*4 = 64.
+    assert floor.floor_bytes([10, 10], 8, 2, 4, int8=False) == 224
+    # int8: codes 20*2*1 = 40, scales 2 tensors * 2 columns * 4 = 16, basis 64.
+    assert floor.floor_bytes([10, 10], 8, 2, 4, int8=True) == 120
+    # rank 7 of 8: 20*7*4 + 8*7*4 = 784 > raw 20*8*4 = 640, so raw; rank = width is raw too.
+    assert floor.floor_bytes([10, 10], 8, 7, 4, int8=False) == 640
+    assert floor.floor_bytes([10, 10], 8, 8, 4, int8=False) == 640
+    # int8 at full rank still pays: 20*8*1 + 2*8*4 + 8*8*4 = 480 < 640.
+    assert floor.floor_bytes([10, 10], 8, 8, 4, int8=True) == 480
+    # bf16 codes: 20*2*2 + 64 = 144.
+    assert floor.floor_bytes([10, 10], 8, 2, 2, int8=False) == 144
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.integers(1, 300), min_size=1, max_size=5), dim=st.integers(2, 256),
+       ranks=st.tuples(st.integers(1, 256), st.integers(1, 256)), int8=st.booleans())
+def test_floor_bytes_grows_with_rank_and_never_exceeds_raw(rows, dim, ranks, int8):
+    low, high = sorted(ranks)
+    raw = sum(rows) * dim * 4
+    assert floor.floor_bytes(rows, dim, low, 4, int8) <= floor.floor_bytes(rows, dim, high, 4, int8) <= raw
+
+
+def test_compression_flops_by_hand():
+    # 8 rows of width 4 at rank 2: three matmuls of 8*4*2 multiply-adds, 2 FLOPs each.
+    assert floor.compression_flops([3, 5], 4, 2) == 3 * 2 * 8 * 4 * 2 == 384
+
+
+def test_block_flops_by_hand():
+    cfg = TRMConfig(hidden=64, heads=1, L_cycles=1, seq_len=25)  # SwiGLU width 256, vocab 5
+    tokens = 25
+    linear = 2 * tokens * (64 * 192 + 64 * 64 + 64 * 512 + 256 * 64)  # qkv, o, gate_up, down: 3,276,800
+    attention = 2 * (2 * tokens * 25 * 64)  # QK^T and PV: 160,000
+    per_call = 3 * linear + 3.5 * attention
+    head = 3 * 2 * tokens * 64 * 5
+    assert floor.block_flops(cfg, batch=1, seq=25) == 2 * per_call + head == 20_828_800
+
+
+def test_floor_matches_the_reports_bytes_without_fallbacks():
+    # Policy "paper" at rank 16 stores every admitted storage as codes: the report must equal the floor.
+    workload = common.Workload(64, 2, 1, maze=5)
+    run = common.TrainingRun(workload, common.method_specs(["laser-paper"], [16])[1])
+    for _ in range(3):
+        run.step()
+    report = run.report()
+    assert sum(s.fallbacks for s in report.sites) == 0
+    rows = floor.floor_rows(report, floor.record_shapes(workload), int8=False)
+    assert sum(r["raw"] for r in rows) == report.raw_bytes
+    assert sum(r["floor"] for r in rows) == report.stored_bytes < report.raw_bytes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_markdown_table_aligns_and_rejects_ragged_rows():
+    text = common.markdown_table(["a", "b"], [[1, "x"], ["y", 2.5]])
+    assert text.splitlines() == ["| a | b |", "| :--- | ---: |", "| 1 | x |", "| y | 2.5 |"]
+    with pytest.raises(ValueError, match="2 cells"):
+        common.markdown_table(["a", "b"], [[1]])
+
+
+def test_interleaved_medians_alternates_order_and_respects_budget():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians, rounds = common.interleaved_medians(steps, rounds=4)
+    assert rounds == 4 and calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and set(medians) == {"a", "b"}
+    calls.clear()
+    _, rounds = common.interleaved_medians(steps, rounds=10, budget_s=0.0)
+    assert rounds == 3 and len(calls) == 6  # at least three rounds, then the budget stops it
+    with pytest.raises(ValueError, match="--steps"):
+        common.interleaved_medians(steps, rounds=0)
+
+
+def test_method_specs_put_none_first_and_expand_ranks():
+    specs = common.method_specs(["laser-paper-int8", "checkpoint", "none"], [64, 128])
+    assert [s.label for s in specs] == ["none", "laser-paper-int8 r64", "laser-paper-int8 r128", "checkpoint"]
+    assert specs[2].options == {"policy": "paper", "quantize": "int8", "rank": 128, "max_rank": 512}
+    assert specs[3].checkpoint and specs[3].name == "none"
+    with pytest.raises(ValueError, match="unknown"):
+        common.method_specs(["lasr"], [64])
+
+
+def test_profile_attributes_ops_by_their_library_frame():
+    def chain(*names):
+        event = None
+        for name in reversed(names):
+            event = SimpleNamespace(name=name, cpu_parent=event)
+        return event
+
+    encode = "laser/methods/laser.py(85): encode"
+    # abs inside isfinite counts with isfinite, the outermost op that encode called.
+    assert profile.part_of(chain("aten::abs", "aten::isfinite", "<built-in method isfinite>", encode)) == \
+        "fidelity sums"
+    assert profile.part_of(chain("aten::mm", "aten::matmul", encode)) == "projection"
+    assert profile.part_of(chain("aten::topk", "laser/subspace.py(162): sample_rows", "aten::addmm_",
+                                 "laser/methods/laser.py(112): _accumulate", encode)) == "sampling"
+    assert profile.part_of(chain("aten::mm", "laser/methods/projection.py(35): decode")) == "reconstruction"
+    assert profile.part_of(chain("aten::mm", "aten::linear", "laser/models/layers.py(74): forward")) is None
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def test_step_prints_its_table(capsys):
+    step.main([*TINY, "--methods", "laser-paper", "quant4", "checkpoint", "--memory", "inprocess"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "| " + " | ".join(step.HEADERS) + " |")
+    assert [r[0] for r in rows] == ["none", "laser-paper r16", "quant4", "checkpoint"]
+    assert rows[0][3] == rows[0][5] == rows[0][11] == "1.000"
+    assert rows[1][1] == "16"
+    assert float(rows[1][3]) < 1 and float(rows[2][3]) < 1  # both compress
+
+
+def test_floor_prints_its_table(capsys):
+    floor.main([*TINY, "--methods", "laser-paper", "--sites"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "| method | ranks | raw | stored | floor | stored / floor | extra FLOPs / block | "
+                           "time ratio floor | time ratio measured | measured overhead / floor |")
+    assert [r[0] for r in rows] == ["laser-paper r16"]
+    assert rows[0][5] == "1.000"
+    assert "| site | dim | tensors | rows | rank | raw | stored | floor | extra GFLOP |" in out
+
+
+def test_profile_prints_its_tables(capsys):
+    profile.main(["--dim", "64", "--depth", "2", "--rank", "16", "--batch", "1", "--maze", "5", "--steps", "2",
+                  "--profiled", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    parts = [r[0] for r in table_rows(out, "| part | ms / step | share of method time | share of step |")]
+    assert parts == [*profile.PARTS, "Python overhead (rest)", "total (encode + decode + update)"]
+    runs = [r[0] for r in table_rows(out, "| run | ms / step | vs none |")]
+    assert runs == ["none", "bare", "laser-paper r16"]
+
+
+def test_fresh_process_memory_probe_sees_compression():
+    spec = common.method_specs(["laser-paper"], [16])[1]
+    probe = common.probe_memory_fresh(common.Workload(64, 2, 1, maze=5), spec, 2)
+    assert 0 < probe["stored"] < probe["raw"]
+    assert 0 < probe["held"] < probe["raw"]  # the codes, not the activations, wait for backward
+    assert probe["peak"] > 100 * 2**20  # a whole Python + torch process
+
+
+def test_gpu_script_dry_run_on_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh"), "--device", "cpu", "--steps", "2", "--batch", "2", "--dims", "64",
+         "--depths", "2", "--ranks", "16", "--maze", "5", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = table_rows(proc.stdout, "| " + " | ".join(step.HEADERS) + " |")
+    assert [r[0] for r in rows] == ["none", "laser r16", "laser-int8 r16", "checkpoint"]
+    assert "bf16 autocast" in proc.stdout

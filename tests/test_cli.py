@@ -1,0 +1,106 @@
+"""Tests for the `laser` command: train and compare on the tiny preset, and every documented usage error."""
+
+import json
+
+import pytest
+
+import laser.methods
+from laser.cli import COMMANDS, main, split_methods
+
+CONTRACT = ("activation_bytes", "peak_memory_bytes", "step_time_ratio", "token_acc", "solve_rate")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compare_smoke_writes_report_and_results(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    methods = ["none", "laser:rank=4,min_numel=16,quantize=int8"]
+    code, stdout, _ = run_cli(["compare", "--preset", "tiny", "--methods", ",".join(methods), "--seeds", "2",
+                               "--jobs", "2", "--set", "grad_probe_at=1.0", "--out", str(out)], capsys)
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == methods
+    for label, entry in results.items():
+        for key in CONTRACT:
+            assert set(entry[key]) == {"mean", "std", "per_seed"}, (label, key)
+            assert len(entry[key]["per_seed"]) == 2
+        assert 0 <= entry["trivial_solve_rate"] <= 1
+        assert "p_value" in entry and "p_value_token_acc" in entry
+        assert entry["peak_memory_bytes"]["mean"] > 2**20
+        assert set(entry["gradient_cosine"]) == {"model", "curve", "sites"}
+        assert 0 <= entry["compression_share"]["mean"] < 1
+    base, lossy = results["none"], results[methods[1]]
+    assert base["p_value"] is None and base["step_time_ratio"]["per_seed"] == [1.0, 1.0]
+    assert base["activation_ratio"]["mean"] == 1.0
+    assert lossy["activation_bytes"]["mean"] < base["activation_bytes"]["mean"]
+    assert base["gradient_cosine"]["model"]["mean"] == pytest.approx(1.0, abs=1e-12)
+    report = (out / "report.md").read_text()
+    for label in methods:
+        assert f"| {label}" in report
+    assert "Trivial solve rate" in report and "Wall time" in report
+    for png in ("val_curves.png", "activation_memory.png", "ranks.png", "pareto.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"({png})" in report
+    config = json.loads((out / "config.json").read_text())
+    assert config["seeds"] == [100, 101] and config["methods"] == methods
+    assert "| method |" in stdout and "resolved config" in stdout
+
+
+def test_train_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["train", "--preset", "tiny", "--method", "laser:rank=4", "--set", "max_steps=4",
+                               "--set", "grad_probe_at=()", "--out", str(out)], capsys)
+    assert code == 0 and "solve rate" in stdout and "trivial" in stdout
+    assert (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").exists()
+    code, _, err = run_cli(["train", "--preset", "tiny", "--method", "laser:rank=4", "--set", "max_steps=4",
+                            "--set", "grad_probe_at=()", "--out", str(out)], capsys)
+    assert code == 2 and "--resume" in err
+    code, stdout, _ = run_cli(["train", "--preset", "tiny", "--method", "laser:rank=4", "--set", "max_steps=4",
+                               "--set", "grad_probe_at=()", "--out", str(out), "--resume"], capsys)
+    assert code == 0 and "resumed at step 4" in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["train", "--preset", "huge"], ["invalid choice", "quick", "paper-cpu"]),
+        (["compare", "--preset", "huge"], ["invalid choice", "tiny"]),
+        (["train", "--preset", "tiny", "--set", "bogus=1"], ["bogus", "model.hidden", "lr"]),
+        (["train", "--preset", "tiny", "--set", "lr=abc"], ["lr", "number"]),
+        (["train", "--preset", "tiny", "--set", "lr"], ["key=value"]),
+        (["train", "--preset", "tiny", "--method", "bogus"], ["bogus", *laser.methods.names()]),
+        (["train", "--preset", "tiny", "--method", "laser:bogus=1"], ["bogus", "rank", "quantize"]),
+        (["train", "--preset", "tiny", "--method", "laser:rank=0"], ["rank"]),
+        (["compare", "--preset", "tiny", "--methods", "none,bogus"], ["bogus", "laser"]),
+        (["compare", "--preset", "tiny", "--methods", "laser:bogus=2"], ["bogus", "rank"]),
+        (["compare", "--preset", "tiny", "--set", "method.rank=3"], ["method.rank", "valid keys"]),
+        (["compare", "--preset", "tiny", "--seeds", "0"], ["--seeds"]),
+        (["bogus"], ["invalid choice", "train", "compare"]),
+    ],
+)
+def test_usage_errors_exit_2_listing_valid_values(argv, needles, capsys, tmp_path):
+    code, _, err = run_cli([*argv, "--out", str(tmp_path)] if argv[0] != "bogus" else argv, capsys)
+    assert code == 2
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_split_methods():
+    assert split_methods("none,laser,laser:quantize=int8") == ["none", "laser", "laser:quantize=int8"]
+    assert split_methods("laser:rank=64,quantize=int8,quant:bits=2,none+checkpoint") == [
+        "laser:rank=64,quantize=int8", "quant:bits=2", "none+checkpoint"]
+    assert split_methods("laser:rank=4,quantize=int8+checkpoint, static") == [
+        "laser:rank=4,quantize=int8+checkpoint", "static"]
+
+
+def test_subcommands_register_in_one_table():
+    assert {"train", "compare"} <= set(COMMANDS)
+    add_arguments, run = COMMANDS["compare"]
+    assert callable(add_arguments) and callable(run)

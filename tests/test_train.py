@@ -1,0 +1,369 @@
+"""Tests for laser.train: config validation and overrides, metrics, schedule, data order, exact resume,
+corrupt checkpoints, every method through the same loop, the gradient probe, the comparison statistics."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import laser.methods
+from laser.train import (
+    CheckpointError,
+    DataConfig,
+    TrainConfig,
+    Trainer,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    cosine,
+    load_checkpoint,
+    parse_method_spec,
+    solve_rate,
+    summarize,
+    token_accuracy,
+    train_preset,
+    valid_keys,
+    welch_p_value,
+    with_method,
+)
+from laser.train.config import parse_literal
+from laser.train.trainer import BatchStream, WarmupCosine, peak_memory_bytes
+
+FAST = settings(max_examples=25, deadline=None)
+# A tiny run whose LASER actually compresses (the tiny model's tensors are small).
+LASER_TINY = ["method=laser", "method.rank=4", "method.min_numel=16"]
+
+
+def tiny(*overrides: str) -> TrainConfig:
+    return apply_overrides(train_preset("tiny"), ["grad_probe_at=()", *overrides])
+
+
+# ------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["batch=0"], "batch"),
+        (["precision=fp16"], "fp32, bf16"),
+        (["lr=-1"], "lr"),
+        (["data.size=8"], "odd integer"),
+        (["data.val_count=200"], "data.count"),
+        (["warmup=-2"], "warmup"),
+        (["grad_probe_at=0,1"], "grad_probe_at"),
+        (["device=tpu"], "cpu"),
+        (["min_lr_ratio=2"], "min_lr_ratio"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        apply_overrides(train_preset("tiny"), overrides)
+
+
+def test_unknown_method_and_option_list_valid_ones():
+    with pytest.raises(ValueError, match="laser") as err:
+        TrainConfig(method="bogus")
+    assert "none" in str(err.value)
+    with pytest.raises(ValueError, match="rank"):
+        TrainConfig(method="laser", method_options={"bogus": 1})
+
+
+def test_overrides_parse_to_field_types():
+    cfg = apply_overrides(
+        train_preset("tiny"),
+        ["model.hidden=32", "lr=3e-4", "data.size=7", "model.checkpoint=true", "grad_probe_at=0.25,1",
+         "data.cache_dir=none", "max_steps=12", "method=laser", "method.rank=8", "method.quantize=int8"],
+    )
+    assert cfg.model.hidden == 32 and isinstance(cfg.model.hidden, int)
+    assert cfg.lr == 3e-4
+    assert cfg.model.checkpoint is True
+    assert cfg.grad_probe_at == (0.25, 1.0)
+    assert cfg.data.cache_dir is None
+    assert cfg.model.seq_len == 49  # derived from data.size
+    assert cfg.method == "laser" and cfg.method_options == {"rank": 8, "quantize": "int8"}
+    assert cfg.total_steps == 12
+
+
+def test_switching_method_clears_its_options():
+    cfg = apply_overrides(train_preset("tiny"), ["method=laser", "method.rank=8", "method=none"])
+    assert cfg.method == "none" and cfg.method_options == {}
+
+
+@pytest.mark.parametrize("key", ["bogus", "model.bogus", "model.seq_len", "data.bogus", "method.rank"])
+def test_unknown_keys_list_valid_keys(key):
+    with pytest.raises(ValueError, match="valid keys") as err:
+        apply_overrides(train_preset("tiny"), [f"{key}=1"])
+    assert "model.hidden" in str(err.value) and "lr" in str(err.value)
+
+
+def test_valid_keys_include_the_method_options():
+    keys = valid_keys(with_method(train_preset("tiny"), "laser"))
+    assert {"lr", "model.hidden", "data.size", "method", "method.rank", "method.quantize"} <= set(keys)
+    assert "model.seq_len" not in keys
+
+
+def test_bad_override_values():
+    with pytest.raises(ValueError, match="lr"):
+        apply_overrides(train_preset("tiny"), ["lr=abc"])
+    with pytest.raises(ValueError, match="true or false"):
+        apply_overrides(train_preset("tiny"), ["model.checkpoint=maybe"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(train_preset("tiny"), ["lr"])
+
+
+def test_presets_and_unknown_preset():
+    paper = train_preset("paper")
+    # The paper's Tables 3-6.
+    assert (paper.model.hidden, paper.model.heads, paper.model.L_cycles, paper.model.H_cycles) == (512, 8, 24, 1)
+    assert (paper.lr, paper.betas, paper.weight_decay, paper.batch, paper.epochs) == (1e-4, (0.9, 0.95), 1e-2, 64, 16)
+    assert (paper.grad_clip, paper.precision) == (1.0, "bf16")
+    assert (paper.data.size, paper.data.count, paper.data.val_count) == (11, 10_000, 1_000)
+    assert paper.total_steps == 16 * (9_000 // 64)
+    for name in ("paper-cpu", "quick", "tiny"):
+        assert train_preset(name).model.seq_len == train_preset(name).data.size ** 2
+    with pytest.raises(ValueError, match="paper, paper-cpu, quick, tiny"):
+        train_preset("huge")
+
+
+def test_config_round_trips_through_json():
+    cfg = tiny(*LASER_TINY, "grad_probe_at=0.5")
+    back = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))))
+    assert back == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        config_from_dict({**config_to_dict(cfg), "bogus": 1})
+
+
+def test_data_config_validation():
+    with pytest.raises(ValueError, match="data.min_path"):
+        DataConfig(size=5, min_path=100)
+
+
+# -------------------------------------------------------------------------------------- method specs
+def test_method_specs():
+    spec = parse_method_spec("laser:rank=64,quantize=int8+checkpoint")
+    assert (spec.name, spec.options, spec.checkpoint) == ("laser", {"rank": 64, "quantize": "int8"}, True)
+    assert parse_method_spec("checkpoint") == parse_method_spec("checkpoint")
+    assert (parse_method_spec("checkpoint").name, parse_method_spec("checkpoint").checkpoint) == ("none", True)
+    assert parse_method_spec("none").checkpoint is False
+    cfg = with_method(train_preset("tiny"), "laser:rank=4+checkpoint")
+    assert cfg.model.checkpoint and cfg.method == "laser" and cfg.method_options == {"rank": 4}
+    with pytest.raises(ValueError, match="valid methods"):
+        parse_method_spec("bogus")
+    with pytest.raises(ValueError, match="valid options"):
+        parse_method_spec("laser:bogus=1")
+    with pytest.raises(ValueError, match="checkpoint"):
+        parse_method_spec("laser+bogus")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", 1), ("-3", -3), ("1.5", 1.5), ("1e-3", 1e-3), ("true", True), ("False", False), ("None", None),
+     ("int8", "int8"), ("blocks.0.mlp*", "blocks.0.mlp*")],
+)
+def test_parse_literal(text, value):
+    parsed = parse_literal(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def test_metrics_on_hand_built_tensors():
+    targets = torch.tensor([[0, 1, 4], [0, 4, 4]])
+    predictions = torch.tensor([[0, 1, 4], [0, 1, 1]])
+    assert token_accuracy(predictions, targets) == pytest.approx(4 / 6)
+    assert solve_rate(predictions, targets) == pytest.approx(1 / 2)
+    assert solve_rate(targets, targets) == 1.0
+    with pytest.raises(ValueError, match="differ"):
+        token_accuracy(predictions[:1], targets)
+
+
+def test_cosine():
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.0)
+    assert cosine(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0])) == pytest.approx(1.0)
+    assert cosine(torch.tensor([3.0, 4.0]), torch.tensor([4.0, 3.0])) == pytest.approx(24 / 25)
+
+
+@FAST
+@given(st.integers(1, 20), st.integers(21, 200), st.floats(0.0, 0.5))
+def test_warmup_cosine(warmup, total, floor):
+    factor = WarmupCosine(warmup, total, floor)
+    assert factor(0) == pytest.approx(1 / warmup)
+    assert factor(warmup - 1) == pytest.approx(1.0)
+    assert factor(warmup) == pytest.approx(1.0)
+    assert factor(total) == pytest.approx(floor)
+    middle = warmup + (total - warmup) / 2
+    if middle.is_integer():
+        assert factor(int(middle)) == pytest.approx((1 + floor) / 2)
+    values = [factor(s) for s in range(warmup, total + 1)]
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:], strict=False))  # decays monotonically
+
+
+def test_batch_stream_covers_each_epoch_and_repeats_for_deep_supervision():
+    inputs = torch.arange(10).unsqueeze(1).repeat(1, 3).numpy()
+    stream = BatchStream(inputs, inputs, batch=3, n_sup=2, seed=7)
+    seen = []
+    for _ in range(3):  # 3 full batches per epoch, each twice
+        a, _, epoch, sup = stream.next()
+        b, _, _, sup2 = stream.next()
+        assert (sup, sup2, epoch) == (0, 1, 0) and torch.equal(a, b)
+        seen += a[:, 0].tolist()
+    assert len(set(seen)) == 9  # no maze twice in an epoch; the 10th is the dropped remainder
+    assert stream.state_dict() == {"epoch": 1, "index": 0, "sup": 0}
+    first = stream.next()[0]
+    other = BatchStream(inputs, inputs, batch=3, n_sup=2, seed=7)
+    other.load_state_dict({"epoch": 1, "index": 0, "sup": 0})
+    assert torch.equal(other.next()[0], first)
+    assert not torch.equal(torch.from_numpy(stream.order(0)), torch.from_numpy(stream.order(1)))
+
+
+def test_peak_memory_is_at_least_a_tensor_we_hold():
+    held = torch.ones(4 * 2**20, dtype=torch.float64)  # 32 MiB
+    assert peak_memory_bytes(torch.device("cpu")) > held.numel() * held.element_size()
+
+
+# --------------------------------------------------------------------------------------------- training
+def _weights(trainer: Trainer) -> dict:
+    state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    for i, s in trainer.opt.state_dict()["state"].items():
+        state |= {f"opt.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)}
+    return state
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    cfg = tiny(*LASER_TINY, "checkpoint_every=2")
+    whole = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")))
+    whole.train()
+    first = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "split")))
+    first.train(until=3)  # mid-batch: n_sup=2, so the carry must travel in the checkpoint
+    assert first.step == 3 and first.carry is not None
+    second = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "split")), resume=True)
+    assert second.step == 3
+    second.train()
+    a, b = _weights(whole), _weights(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert whole.method.state_dict()["extra"].keys() == second.method.state_dict()["extra"].keys()
+    for site, state in whole.method.state_dict()["extra"].items():
+        assert torch.equal(state["basis"], second.method.state_dict()["extra"][site]["basis"]), site
+    assert whole.result()["final"] == second.result()["final"]
+    lines = [json.loads(s) for s in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    whole_lines = [json.loads(s) for s in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [r["step"] for r in whole_lines]
+    assert [r.get("loss") for r in lines] == [r.get("loss") for r in whole_lines]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = tiny(f"out_dir={tmp_path}", "max_steps=2")
+    Trainer(cfg).train()
+    with pytest.raises(CheckpointError, match="lr"):
+        Trainer(dataclasses.replace(cfg, lr=0.5), resume=True)
+
+
+def test_corrupt_or_truncated_checkpoint_fails_clearly(tmp_path):
+    cfg = tiny(f"out_dir={tmp_path}", "max_steps=2")
+    Trainer(cfg).train()
+    path = tmp_path / "checkpoint.pt"
+    assert load_checkpoint(path)["step"] == 2
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        Trainer(cfg, resume=True)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    torch.save({"format": 999}, path)
+    with pytest.raises(CheckpointError, match="not a laser training checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", laser.methods.names())
+def test_the_same_loop_trains_every_method(name):
+    trainer = Trainer(tiny(f"method={name}", "max_steps=2", "eval_every=0"))
+    result = trainer.train()
+    assert result["steps"] == 2 and result["method"] == name
+    assert math.isfinite(result["curves"]["train"][-1]["loss"])
+    assert 0 <= result["final"]["token_acc"] <= 1
+    assert result["raw_activation_bytes"] > 0
+    if name == "none":
+        assert result["activation_bytes"] == result["raw_activation_bytes"]
+    assert sum(trainer.model.state_dict()["head.weight"].shape) > 0
+
+
+def test_checkpointing_model_option_gives_the_same_loss():
+    plain = Trainer(tiny("max_steps=1")).train()
+    recompute = Trainer(tiny("max_steps=1", "model.checkpoint=true")).train()
+    assert recompute["curves"]["train"][-1]["loss"] == pytest.approx(plain["curves"]["train"][-1]["loss"], rel=1e-6)
+    assert recompute["activation_bytes"] < plain["activation_bytes"]
+
+
+def test_result_contents_and_metrics_file(tmp_path):
+    cfg = tiny(*LASER_TINY, f"out_dir={tmp_path}", "grad_probe_at=0.5,1")
+    result = Trainer(cfg).train()
+    assert result["final"]["count"] == cfg.data.val_count
+    assert result["trivial_solve_rate"] == pytest.approx(
+        sum(int((i == t).all()) for i, t in zip(*_val(cfg), strict=True)) / cfg.data.val_count
+    )
+    assert [e["step"] for e in result["curves"]["eval"]] == [4, 8]
+    assert 0 < result["activation_bytes"] < result["raw_activation_bytes"]
+    assert result["report"]["stored_bytes"] == result["activation_bytes"]
+    assert result["median_step_seconds"] > 0 and 0 < result["compression_share"] < 1
+    assert [p["step"] for p in result["grad_cosine"]] == [4, 8]
+    assert all(-1 <= p["model"] <= 1 and p["sites"] for p in result["grad_cosine"])
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    assert {"epoch", "lr", "token_acc", "stored_bytes", "raw_bytes", "step_seconds", "sites"} <= set(train_records[0])
+    site = next(iter(train_records[-1]["sites"].values()))
+    assert {"rank", "fidelity"} <= set(site)
+    assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def _val(cfg: TrainConfig):
+    from laser.data import maze
+
+    split = maze.load_split(cfg.data.size, cfg.data.count, cfg.data.val_count, cfg.data.seed)
+    return split.val_inputs, split.val_targets
+
+
+def test_gradient_probe_is_exact_without_compression_and_not_with_it():
+    exact = Trainer(tiny("max_steps=1"))
+    exact.train()
+    probe = exact.gradient_probe()
+    assert probe["model"] == pytest.approx(1.0, abs=1e-12) and probe["sites"] == {}
+    lossy = Trainer(tiny(*LASER_TINY, "method.rank=1", "max_steps=2"))
+    lossy.train()
+    before = lossy.method.state_dict()
+    probe = lossy.gradient_probe()
+    assert probe["model"] < 0.999999 and probe["sites"]
+    assert all(-1 <= c <= 1 for c in probe["sites"].values())
+    after = lossy.method.state_dict()  # the running method is untouched by the probes
+    assert before["steps"] == after["steps"]
+    for site in before["extra"]:
+        assert torch.equal(before["extra"][site]["basis"], after["extra"][site]["basis"])
+
+
+def test_paper_preset_trains_one_step_on_cpu_with_batch_1():
+    cfg = apply_overrides(
+        train_preset("paper"),
+        ["batch=1", "max_steps=1", "data.count=6", "data.val_count=2", "grad_probe_at=()", "device=cpu",
+         "eval_every=0", "checkpoint_every=0"],
+    )
+    trainer = Trainer(cfg)
+    assert sum(p.numel() for p in trainer.model.parameters()) == 3_412_992  # the paper's ~3.4M
+    result = trainer.train()
+    assert result["steps"] == 1 and math.isfinite(result["curves"]["train"][-1]["loss"])
+    assert result["precision"] == "fp32"  # bf16 autocast only where the device runs it natively
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def test_summarize_and_welch():
+    stat = summarize([1.0, 2.0, 3.0])
+    assert stat == {"mean": 2.0, "std": 1.0, "per_seed": [1.0, 2.0, 3.0]}
+    assert summarize([5.0])["std"] == 0.0
+    assert welch_p_value([0.1], [0.2]) is None
+    assert welch_p_value([1.0, 1.0], [1.0, 1.0]) is None  # no variance: undefined
+    assert welch_p_value([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    # t = (2 - 12) / sqrt(1/3 + 1/3) = -12.25 with 4 degrees of freedom: p = 2.5e-4
+    assert welch_p_value([1.0, 2.0, 3.0], [11.0, 12.0, 13.0]) == pytest.approx(2.5e-4, rel=0.05)
