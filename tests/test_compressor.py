@@ -129,12 +129,16 @@ def test_exactly_low_rank_activations_reproduce_twin_and_store_r_over_d(quantize
     for a, b in zip(got, expected, strict=True):
         assert (a - b).norm() <= tol * b.norm()
     report = comp.report()
-    # Saved: x (input of first), first(x) (input of second), second(...) (saved by square); all N x D fp32.
+    # Saved: x (input of first), first(x) (input of second), second(...) (saved by the loss's square, outside
+    # the model: kept raw by default); all N x D fp32.
     assert report.raw_bytes == 3 * n * d * 4
     code_bytes = n * r * (4 if quantize is None else 1) + (0 if quantize is None else r * 4)
-    assert report.stored_bytes == 3 * (code_bytes + d * r * 4)
+    assert report.stored_bytes == 2 * (code_bytes + d * r * 4) + n * d * 4
+    assert report.site(f"<outside>:{d}").stored_bytes == n * d * 4
     assert all(abs(s.fidelity - 1.0) < 1e-5 for s in report.sites)
-    assert report.stored_bytes / report.raw_bytes < (r / d) * 1.1 + 3 * d * r * 4 / report.raw_bytes
+    model_rows = [row for row in report.sites if not row.name.startswith("<outside>")]
+    model_raw = sum(row.raw_bytes for row in model_rows)
+    assert sum(row.stored_bytes for row in model_rows) / model_raw < (r / d) * 1.1 + 2 * d * r * 4 / model_raw
 
 
 def test_weight_tied_block_gives_one_site_per_module_and_width():
@@ -203,7 +207,8 @@ def test_storage_address_reuse_does_not_decode_the_wrong_tensor():
     n, d, r = 256, 32, 4
     basis_rows = torch.randn(r, d)
     weight = torch.randn(d, 3, requires_grad=True)
-    comp = Compressor(nn.Identity(), laser.LaserConfig(rank=r, max_rank=r, min_numel=0, policy="paper"))
+    comp = Compressor(nn.Identity(), laser.LaserConfig(rank=r, max_rank=r, min_numel=0, policy="paper",
+                                                       model_only=False))
     for attempt in range(20):  # the allocator does not promise reuse; retry until it happens
         weight.grad = None
         with comp:
@@ -251,7 +256,7 @@ def test_guarded_policy_never_stores_a_reconstruction_below_threshold():
     n, d = 256, 64
     model = LowRankChain(d)
     x = torch.randn(n, d)  # full rank: rank 4 cannot reach 0.95
-    for policy, fallbacks in (("guarded", 3), ("paper", 0)):
+    for policy, fallbacks in (("guarded", 2), ("paper", 0)):  # the loss's saved tensor is not admitted
         comp = Compressor(copy.deepcopy(model), laser.LaserConfig(rank=4, min_numel=0, policy=policy))
         warm_up(comp, x)
         with comp:
@@ -259,7 +264,7 @@ def test_guarded_policy_never_stores_a_reconstruction_below_threshold():
         comp.step()
         report = comp.report()
         assert sum(s.fallbacks for s in report.sites) == fallbacks
-        assert all(s.fidelity < 0.95 for s in report.sites)
+        assert all(s.fidelity < 0.95 for s in report.sites if not s.name.startswith("<outside>"))
         if policy == "guarded":
             assert report.stored_bytes == report.raw_bytes
 
@@ -325,7 +330,7 @@ def test_half_precision_codes_keep_the_activation_dtype(dtype):
     torch.manual_seed(0)
     n, d, r = 256, 64, 4
     model = LowRankChain(d).to(dtype)
-    comp = Compressor(model, laser.LaserConfig(rank=r, max_rank=r, min_numel=0))
+    comp = Compressor(model, laser.LaserConfig(rank=r, max_rank=r, min_numel=0, model_only=False))
     x = low_rank_input(n, d, r).to(dtype)
     warm_up(comp, x)
     with comp:
@@ -513,3 +518,16 @@ def test_report_table_and_totals():
 def test_wrong_types_fail_with_a_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         laser.LaserConfig(**{field: value})
+
+
+def test_tensors_saved_outside_the_model_stay_raw_unless_asked():
+    torch.manual_seed(0)
+    n, d, r = 256, 32, 4
+    x = low_rank_input(n, d, r)
+    for model_only, outside_stored in ((True, n * d * 4), (False, n * r * 4 + d * r * 4)):
+        comp = Compressor(LowRankChain(d), laser.LaserConfig(rank=r, max_rank=r, min_numel=0, model_only=model_only))
+        warm_up(comp, x)
+        with comp:
+            loss_of(comp.model, x).backward()
+        comp.step()
+        assert comp.report().site(f"<outside>:{d}").stored_bytes == outside_stored

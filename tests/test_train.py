@@ -280,9 +280,10 @@ def test_corrupt_or_truncated_checkpoint_fails_clearly(tmp_path):
 
 @pytest.mark.parametrize("name", laser.methods.names())
 def test_the_same_loop_trains_every_method(name):
-    trainer = Trainer(tiny(f"method={name}", "max_steps=2", "eval_every=0"))
+    trainer = Trainer(tiny(f"method={name}", "max_steps=2", "eval_every=0", "grad_probe_at=1.0"))
     result = trainer.train()
     assert result["steps"] == 2 and result["method"] == name
+    assert -1 <= result["grad_cosine"][-1]["model"] <= 1 + 1e-9
     assert math.isfinite(result["curves"]["train"][-1]["loss"])
     assert 0 <= result["final"]["token_acc"] <= 1
     assert result["raw_activation_bytes"] > 0
@@ -332,7 +333,7 @@ def test_gradient_probe_is_exact_without_compression_and_not_with_it():
     exact.train()
     probe = exact.gradient_probe()
     assert probe["model"] == pytest.approx(1.0, abs=1e-12) and probe["sites"] == {}
-    lossy = Trainer(tiny(*LASER_TINY, "method.rank=1", "max_steps=2"))
+    lossy = Trainer(tiny(*LASER_TINY, "method.rank=1", "method.policy=paper", "max_steps=2"))
     lossy.train()
     before = lossy.method.state_dict()
     probe = lossy.gradient_probe()

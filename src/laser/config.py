@@ -15,6 +15,10 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
+# Site name prefix of tensors saved while no module of the model runs (typically the loss).
+OUTSIDE = "<outside>"
+
+
 @dataclass(kw_only=True)
 class SiteFilter:
     """Which saved activations a method may touch.
@@ -24,12 +28,15 @@ class SiteFilter:
         min_dim: sites whose last dimension is smaller are stored as they are.
         include: glob patterns on site names (``"blocks.0.mlp*"``); when given, only matching sites.
         exclude: glob patterns on site names never touched, applied after ``include``.
+        model_only: touch only tensors saved while a module of the model runs; what is saved outside it
+            (the loss: a log-softmax whose errors the loss gradient amplifies) stays raw.
     """
 
     min_numel: int = 1024
     min_dim: int = 8
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    model_only: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -41,6 +48,8 @@ class SiteFilter:
     def admits(self, site: str, dim: int, numel: int) -> bool:
         """Whether a tensor of ``numel`` elements at ``site`` (last dimension ``dim``) may be compressed."""
         if numel < self.min_numel or dim < self.min_dim:
+            return False
+        if self.model_only and site.startswith(OUTSIDE):
             return False
         if self.include and not any(fnmatch.fnmatchcase(site, p) for p in self.include):
             return False

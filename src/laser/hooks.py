@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from laser.config import SiteFilter
+from laser.config import OUTSIDE, SiteFilter
 from laser.report import Report, SiteReport
 
 
@@ -47,9 +47,9 @@ class SiteNamer:
             self._handles.append(module.register_forward_hook(_Pop(self._local), always_call=True))
 
     def current(self) -> str:
-        """Path of the innermost module running now (``"<outside>"`` when no module runs)."""
+        """Path of the innermost module running now (``OUTSIDE`` when no module runs)."""
         stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else "<outside>"
+        return stack[-1] if stack else OUTSIDE
 
     def remove(self) -> None:
         """Detach every hook this namer added."""

@@ -35,12 +35,19 @@ from laser.analysis.linearity import linearity_check
 from laser.analysis.sites import format_site_table, site_table
 from laser.analysis.spectra import SUMMARY_RANKS, int8_round_trip, principal_basis, summarize
 from laser.analysis.stats import activation_stats, histogram, int8_error, pca_int8_stats
+from laser.config import LaserConfig
 from laser.data import maze
 from laser.models.trm import TRM
-from laser.report import format_bytes
+from laser.report import Report, format_bytes
 from laser.subspace import one_thread
-from laser.train.config import TrainConfig, apply_overrides, config_from_dict, parse_method_spec, train_preset
-from laser.train.config import with_method as config_with_method
+from laser.train.config import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    parse_method_spec,
+    train_preset,
+    with_method,
+)
 from laser.train.trainer import CHECKPOINT_NAME, METRICS_NAME, Trainer, load_checkpoint, resolve_device
 
 REPORT_NAME = "analysis.md"
@@ -156,8 +163,10 @@ def laser_options(cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def _spectra_section(run: Run, settings: Settings, device: torch.device, batches: list, out: Path) -> dict:
-    """Spectra, per-step effective ranks, oracle fidelity (final and over snapshots)."""
+def _spectra_section(run: Run, settings: Settings, device: torch.device, batches: list,
+                     out: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Spectra, per-step effective ranks, oracle fidelity (final and over snapshots); also the main sites'
+    recorded rows at the final checkpoint."""
     model = build_model(run.config, run.weights[run.final_step], device)
     activations = collect_activations(model, batches, supervision_loss, max_rows=settings.max_rows)
     mains = main_sites(activations)
@@ -206,8 +215,7 @@ def _spectra_section(run: Run, settings: Settings, device: torch.device, batches
             for site, curves in over_training.items()
         },
         "snapshots": sorted(run.weights),
-        "_activations": {site: activations[site] for site in mains.values()},
-    }
+    }, {site: activations[site] for site in mains.values()}
 
 
 def _laser_over_training(run: Run, mains: dict[str, str], out: Path) -> dict:
@@ -222,7 +230,7 @@ def _laser_over_training(run: Run, mains: dict[str, str], out: Path) -> dict:
     curves, ranks = {s: c for s, c in curves.items() if c}, {s: r for s, r in ranks.items() if r}
     if not curves:
         return {}
-    threshold = laser_options(run.config).get("threshold", 0.95)
+    threshold = laser_options(run.config).get("threshold", LaserConfig().threshold)
     plots.plot_fidelity_over_training(curves, out / "laser-fidelity.png", "LASER fidelity ||Z||/||X|| in training",
                                       threshold=threshold)
     plots.plot_xy({s: ([p for p, _ in r], [k for _, k in r]) for s, r in ranks.items()}, out / "laser-rank.png",
@@ -267,8 +275,9 @@ def _stats_section(activations: dict[str, Tensor], mains: dict[str, str], out: P
 
 
 def _gradient_section(run: Run, settings: Settings, device: torch.device, batches: list, mains: dict[str, str],
-                      out: Path) -> dict:
-    """Gradient fidelity per site and for the whole model, and the rank sweep at each main site."""
+                      out: Path) -> tuple[dict, Report]:
+    """Gradient fidelity per site and for the whole model, and the rank sweep at each main site; also LASER's
+    report of the whole-model step."""
     model = build_model(run.config, run.weights[run.final_step], device)
     options = laser_options(run.config)
     measured = batches[: settings.grad_batches]
@@ -302,8 +311,7 @@ def _gradient_section(run: Run, settings: Settings, device: torch.device, batche
         "sites": [dataclasses.asdict(row) for row in result.sites],
         "sweeps": {site: [dataclasses.asdict(r) for r in rows] for site, rows in sweeps.items()},
         "probes": run.history.get("grad_cosine", []),
-        "_report": result.report,
-    }
+    }, result.report
 
 
 def _depth_section(run: Run, settings: Settings, device: torch.device, batch: tuple, out: Path) -> dict:
@@ -607,8 +615,7 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
     # The decompositions here are small: threaded LAPACK only spin-waits on them (see subspace.one_thread).
     with one_thread():
         say("spectra and oracle fidelity")
-        spectra = _spectra_section(run, settings, dev, batches[:max_batches], out)
-        activations = spectra.pop("_activations")
+        spectra, activations = _spectra_section(run, settings, dev, batches[:max_batches], out)
         mains = spectra["main_sites"]
         laser_training = _laser_over_training(run, mains, out)
         say("linearity (autoencoder)")
@@ -616,8 +623,7 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
         say("activation statistics and INT8")
         stats = _stats_section(activations, mains, out)
     say("gradient fidelity")
-    gradients = _gradient_section(run, settings, dev, batches, mains, out)
-    report = gradients.pop("_report")
+    gradients, report = _gradient_section(run, settings, dev, batches, mains, out)
     say("memory against depth")
     depth = _depth_section(run, settings, dev, batches[0], out)
     try:
@@ -703,7 +709,7 @@ def run(args: argparse.Namespace) -> int:
                                  "or choose another RUN_DIR")
             cfg = train_preset(args.train)
             if args.method is not None:
-                cfg = config_with_method(cfg, parse_method_spec(args.method))
+                cfg = with_method(cfg, parse_method_spec(args.method))
             cfg = dataclasses.replace(apply_overrides(cfg, args.sets), out_dir=str(args.run_dir))
             print(f"training {args.train} into {args.run_dir} with {args.snapshots} snapshots", flush=True)
             train_with_snapshots(cfg, args.snapshots)
