@@ -531,3 +531,33 @@ def test_tensors_saved_outside_the_model_stay_raw_unless_asked():
             loss_of(comp.model, x).backward()
         comp.step()
         assert comp.report().site(f"<outside>:{d}").stored_bytes == outside_stored
+
+
+def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
+    from laser.methods.projection import LowRankCodes
+
+    class TwoUses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(32, 32, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return h.sin() + h.cos()  # h is saved by sin and by cos: two views of one storage
+
+    torch.manual_seed(0)
+    model, x = TwoUses(), low_rank_input(128, 32, 4)
+    expected = twin_grads(model, x)
+    comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0))
+    warm_up(comp, x)
+    decodes = []
+    original = LowRankCodes.decode
+    monkeypatch.setattr(LowRankCodes, "decode", lambda self: decodes.append((id(self), self.views)) or original(self))
+    with comp:
+        loss = loss_of(model, x)
+    loss.backward()
+    assert comp.report().site("TwoUses:32").tensors == 1
+    assert sorted(views for _, views in decodes) == [1, 2]  # lin's input, and h (saved by sin and cos)
+    assert len({record for record, _ in decodes}) == len(decodes)  # each storage decoded once
+    for a, b in zip(grads(model), expected, strict=True):
+        assert (a - b).norm() <= 1e-4 * b.norm()

@@ -96,18 +96,30 @@ class Packed:
     def __init__(self, nbytes: int, shared: tuple[torch.Tensor, ...] = ()) -> None:
         self.nbytes = nbytes
         self.shared = shared
+        self.views = 0  # saved views handed to autograd
         self._decoded: weakref.ref | None = None
+        self._held: torch.Tensor | None = None
+        self._unpacks_left = 0
 
     def decode(self) -> torch.Tensor:
         """The storage's content as a flat tensor in its original dtype."""
         raise NotImplementedError
 
     def decoded(self) -> torch.Tensor:
-        """:meth:`decode`, shared by every view unpacked while the previous result is alive."""
+        """:meth:`decode` once per backward for all of the storage's views.
+
+        Two backward nodes that saved views of one storage (an RMS norm's input and output, the halves of a
+        gate/up projection) run apart, so a weak cache alone would decode twice. The result is held until
+        every view was unpacked once, then only weakly (a second backward with ``retain_graph`` decodes anew).
+        """
         flat = self._decoded() if self._decoded is not None else None
         if flat is None:
             flat = self.decode()
             self._decoded = weakref.ref(flat)
+            self._held, self._unpacks_left = flat, self.views
+        self._unpacks_left -= 1
+        if self._unpacks_left <= 0:
+            self._held = None
         return flat
 
 
@@ -209,7 +221,10 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             entry = _Entry(StorageWeakRef(storage), tensor._version, self._encode_storage(tensor))
             self._live[key] = entry
             self.seconds["encode"] += time.perf_counter() - start
-        return tensor if entry.record is None else _View(entry.record, tensor)
+        if entry.record is None:
+            return tensor
+        entry.record.views += 1
+        return _View(entry.record, tensor)
 
     def _unpack(self, packed: object) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):

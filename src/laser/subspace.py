@@ -150,13 +150,15 @@ def fidelity(codes_sq: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
     return (codes_sq / x_sq.clamp_min(torch.finfo(torch.float32).tiny)).sqrt().clamp(max=1.0)
 
 
-def breaks_even(rows: int, dim: int, rank: int, activation_bytes: int, code_bytes: float) -> bool:
-    """True when storing codes (rows x rank) and the basis (dim x rank, fp32) beats the raw activation.
+def breaks_even(rows: int, dim: int, rank: int, activation_bytes: int, code_bytes: float,
+                basis_share: float = 1.0) -> bool:
+    """True when storing codes (rows x rank) and a share of the basis (dim x rank, fp32) beats the raw rows.
 
-    ``code_bytes`` is the bytes per code element (2 for bf16, 1 + scale overhead for int8). The basis is
-    charged in full to every tensor, which is conservative: one basis serves all recursion steps.
+    ``code_bytes`` is the bytes per code element (2 for bf16, 1 for int8). One basis serves every tensor of
+    a site in a step, so each is charged ``basis_share`` of it (1.0, the whole basis, is the conservative
+    choice when the number of tensors is not known).
     """
-    return rows * rank * code_bytes + dim * rank * 4 < rows * dim * activation_bytes
+    return rows * rank * code_bytes + dim * rank * 4 * basis_share < rows * dim * activation_bytes
 
 
 def sample_rows(

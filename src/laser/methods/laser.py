@@ -11,7 +11,7 @@ from torch import nn
 from laser import subspace
 from laser.config import LaserConfig
 from laser.hooks import ActivationMethod, Packed, SiteAccount
-from laser.methods.projection import make_codes, never_pays, pays
+from laser.methods.projection import make_codes, never_pays, pays, squared_norm
 from laser.report import SiteReport
 
 
@@ -28,6 +28,8 @@ class SiteState:
         frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
         fidelity: the last step's fidelity ``||Z||/||X||`` over all of its tensors.
         rank_used: rank of the basis the current step's codes were made with.
+        tensors_last_step: admitted tensors the site saw in the last step; each is charged that share of
+            the basis when deciding break-even (one basis serves them all).
     """
 
     dim: int
@@ -38,6 +40,8 @@ class SiteState:
     frozen: bool = False
     fidelity: float = 1.0
     rank_used: int = 0
+    tensors_last_step: int = 1
+    tensors: int = 0
     accumulator: torch.Tensor | None = None
     codes_sq: torch.Tensor | None = None
     x_sq: torch.Tensor | None = None
@@ -47,9 +51,12 @@ class SiteState:
     def clear_step(self) -> None:
         """Forget the current step's statistics."""
         self.accumulator = self.codes_sq = self.x_sq = self.sample = self.sample_keys = None
+        if self.tensors:
+            self.tensors_last_step, self.tensors = self.tensors, 0
 
 
-PERSISTED = ("dim", "basis", "low_steps", "expansions", "resets", "frozen", "fidelity", "rank_used")
+PERSISTED = ("dim", "basis", "low_steps", "expansions", "resets", "frozen", "fidelity", "rank_used",
+             "tensors_last_step")
 
 
 class Compressor(ActivationMethod):
@@ -87,8 +94,9 @@ class Compressor(ActivationMethod):
         state = self.sites.setdefault(site, SiteState(x.shape[1]))
         if state.frozen:
             return None
+        state.tensors += 1
         xf = x.float()  # (N, D); no copy for fp32 activations
-        x_sq = xf.square().sum()
+        x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return None  # never feed NaN/Inf into a basis
         if state.basis is None:  # first step: stored raw; its sampled rows give Q_0 (Algorithm 1, line 1)
@@ -100,10 +108,10 @@ class Compressor(ActivationMethod):
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return None
-        if not pays(x, rank, cfg.quantize, x.dtype):
+        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 / state.tensors_last_step):
             return None
         codes = xf @ state.basis  # (N, k) fp32
-        codes_sq = codes.square().sum()
+        codes_sq = squared_norm(codes)
         self._accumulate(state, xf, codes, x_sq, codes_sq)
         if cfg.policy == "guarded" and subspace.fidelity(codes_sq, x_sq) < cfg.threshold:
             return None
@@ -131,27 +139,33 @@ class Compressor(ActivationMethod):
         if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._synchronize()
         for state in self.sites.values():
-            if state.basis is None and state.sample is not None:
-                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
-                state.clear_step()
-            if state.accumulator is None:
-                continue
-            state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
-            if state.fidelity >= cfg.threshold:
-                basis = subspace.power_step(state.accumulator)
-                for _ in range(cfg.power_iters - 1):
-                    basis = subspace.power_step(state.sample.T @ (state.sample @ basis))
-                state.basis, state.low_steps = basis, 0
-            else:
-                state.low_steps += 1
-                if state.low_steps >= cfg.patience:
-                    state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
-                    state.low_steps = 0
-                    state.resets += 1
-                else:
-                    state.basis = subspace.expand(state.basis, state.sample[: cfg.growth], cfg.max_rank)
-                    state.expansions += 1
+            self._update_site(state)
             state.clear_step()
+
+    def _update_site(self, state: SiteState) -> None:
+        """Algorithm 1 for one site: initialise, or power step / expand / reset by the step's fidelity."""
+        cfg = self.config
+        if state.basis is None:
+            if state.sample is not None:
+                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
+            return
+        if state.accumulator is None:
+            return
+        state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
+        if state.fidelity >= cfg.threshold:
+            basis = subspace.power_step(state.accumulator)
+            for _ in range(cfg.power_iters - 1):
+                basis = subspace.power_step(state.sample.T @ (state.sample @ basis))
+            state.basis, state.low_steps = basis, 0
+        else:
+            state.low_steps += 1
+            if state.low_steps >= cfg.patience:
+                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
+                state.low_steps = 0
+                state.resets += 1
+            else:
+                state.basis = subspace.expand(state.basis, state.sample[: cfg.growth], cfg.max_rank)
+                state.expansions += 1
 
     def _synchronize(self) -> None:
         """Make every rank see the statistics of all ranks, so all make the same basis update.

@@ -41,6 +41,12 @@ class LowRankCodes(Packed):
             return (codes @ self.basis.T).to(self.dtype).reshape(-1)  # (N*D,)
 
 
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """``||x||_F^2`` as a 0-d fp32 tensor without an elementwise temporary (a dot of the flat view)."""
+    flat = x.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def make_codes(codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
                quantize: str | None) -> LowRankCodes:
     """Store fp32 codes (N, k) in ``dtype`` (the activation's) or as per-column int8."""
@@ -50,11 +56,11 @@ def make_codes(codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
     return LowRankCodes(codes.to(dtype), basis, dtype)
 
 
-def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype) -> bool:
-    """Whether codes of ``rank`` columns for ``x`` (N, D) plus the basis cost less than ``x`` itself."""
+def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0) -> bool:
+    """Whether codes of ``rank`` columns for ``x`` (N, D) plus ``basis_share`` of the basis cost less than ``x``."""
     code_bytes = 1 if quantize == "int8" else torch.finfo(dtype).bits // 8
     activation_bytes = torch.finfo(dtype).bits // 8
-    return breaks_even(x.shape[0], x.shape[1], rank, activation_bytes, code_bytes)
+    return breaks_even(x.shape[0], x.shape[1], rank, activation_bytes, code_bytes, basis_share)
 
 
 def never_pays(dim: int, rank: int, quantize: str | None, dtype: torch.dtype) -> bool:
@@ -137,12 +143,12 @@ class FixedBasisMethod(MeasuredMethod):
         if not pays(x, rank, cfg.quantize, x.dtype):
             return None
         xf = x.float()  # (N, D); no copy for fp32 activations
-        x_sq = xf.square().sum()
+        x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return None  # never build a basis from, or store codes of, NaN/Inf
         basis = self.basis(xf, site)  # (D, k)
         codes = xf @ basis  # (N, k) fp32
-        codes_sq = codes.square().sum()
+        codes_sq = squared_norm(codes)
         self.measure(site, codes_sq, x_sq, codes_sq, rank)
         record = make_codes(codes, basis, x.dtype, cfg.quantize)
         if self.per_tensor_basis:

@@ -282,6 +282,9 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "",
         table,
         "",
+        "Method options as run (preset defaults included): "
+        + "; ".join(f"{label}: {e['name']} {e['options'] or '(defaults)'}" for label, e in results.items()) + ".",
+        "",
         "- activation memory: saved-activation bytes the method kept at the last training step (unique storages "
         "held by the autograd graph, bases included), mean over seeds; *vs baseline* is its ratio to the "
         f"baseline ({baseline}).",
