@@ -196,6 +196,7 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line settings (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
     parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
@@ -217,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print one table per width and depth."""
     args = parse_args(argv)
     check_device(args.device)
     set_threads(args.threads)

@@ -136,6 +136,7 @@ def method_seconds_per_step(run: TrainingRun, steps: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the table of parts, the step times, and the ops inside the method."""
     ranked = [name for name, (_, _, takes_rank, _) in VARIANTS.items() if takes_rank]
     compressing = [*ranked, "quant8", "quant4"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
