@@ -22,7 +22,7 @@ class SiteState:
     Attributes:
         dim: width D of the site.
         basis: (D, k) fp32 orthonormal basis; ``None`` during the site's first step, whose activations
-            are stored raw and sampled to initialise it by a top-k SVD.
+            are sampled to initialise it by a top-k SVD (each coded meanwhile against its own basis).
         low_steps: consecutive steps with fidelity under the threshold (``c`` in Algorithm 1).
         expansions / resets: cumulative counts.
         frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
@@ -99,11 +99,8 @@ class Compressor(ActivationMethod):
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return None  # never feed NaN/Inf into a basis
-        if state.basis is None:  # first step: stored raw; its sampled rows give Q_0 (Algorithm 1, line 1)
-            state.sample, state.sample_keys = subspace.sample_rows(
-                xf, cfg.reset_rows, self.generator, state.sample, state.sample_keys
-            )
-            return None
+        if state.basis is None:
+            return self._encode_first_step(state, xf, x, x_sq)
         rank = state.basis.shape[1]
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
@@ -116,6 +113,31 @@ class Compressor(ActivationMethod):
         if cfg.policy == "guarded" and subspace.fidelity(codes_sq, x_sq) < cfg.threshold:
             return None
         return make_codes(codes, state.basis, x.dtype, cfg.quantize)
+
+    def _encode_first_step(self, state: SiteState, xf: torch.Tensor, x: torch.Tensor,
+                           x_sq: torch.Tensor) -> Packed | None:
+        """A site's first step: each tensor gets codes against its own top-k basis, rows are sampled for Q_0.
+
+        Storing the first step raw would make it the step of peak memory, as high as without compression;
+        a per-tensor basis (the oracle, charged to that tensor) compresses it at once. The shared basis
+        ``Q_0`` is the top-k SVD of the rows sampled over the whole step (Algorithm 1, line 1).
+        """
+        cfg = self.config
+        state.sample, state.sample_keys = subspace.sample_rows(
+            xf, cfg.reset_rows, self.generator, state.sample, state.sample_keys
+        )
+        rank = min(cfg.rank, state.dim)
+        if never_pays(state.dim, rank, cfg.quantize, x.dtype):
+            state.frozen = True
+            return None
+        if not pays(x, rank, cfg.quantize, x.dtype):
+            return None
+        basis = subspace.top_k_basis(xf, rank, self.generator)  # (D, k), this tensor's own
+        codes = xf @ basis
+        state.rank_used = rank
+        if cfg.policy == "guarded" and subspace.fidelity(squared_norm(codes), x_sq) < cfg.threshold:
+            return None
+        return make_codes(codes, basis, x.dtype, cfg.quantize)
 
     def _accumulate(self, state: SiteState, xf: torch.Tensor, codes: torch.Tensor,
                     x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
