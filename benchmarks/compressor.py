@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 
 import torch
 from torch import nn
 
 import laser
-from common import RESULT, environment, fresh_process, interleaved_medians, markdown_table, set_threads
+from common import (
+    RESULT,
+    environment,
+    fresh_process,
+    interleaved_medians,
+    markdown_table,
+    peak_memory,
+    set_threads,
+)
 from laser.models.trm import TRM, preset
 from laser.report import format_bytes
 
@@ -90,7 +97,7 @@ def child(model_name: str, method_name: str, batch: int, steps: int) -> None:
     for _ in range(steps):
         train_step(model, method, inputs, loss_fn)
     report = method.report()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_memory("cpu")  # VmHWM of this process (ru_maxrss would include the forking parent)
     print(RESULT + json.dumps({"peak_rss": peak, "stored": report.stored_bytes, "raw": report.raw_bytes}))
 
 
