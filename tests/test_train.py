@@ -86,6 +86,19 @@ def test_overrides_parse_to_field_types():
     assert cfg.total_steps == 12
 
 
+def test_preset_method_defaults_apply_under_explicit_options():
+    quick = train_preset("quick")
+    assert with_method(quick, "laser").method_options == {"rank": 32}
+    assert with_method(quick, "laser:rank=8,quantize=int8").method_options == {"rank": 8, "quantize": "int8"}
+    assert with_method(quick, "none").method_options == {}
+    assert apply_overrides(quick, ["method=laser", "method.quantize=int8"]).method_options == {
+        "rank": 32, "quantize": "int8"}
+    with pytest.raises(ValueError, match="valid methods"):
+        TrainConfig(method_defaults={"bogus": {}})
+    with pytest.raises(ValueError, match="rank"):
+        TrainConfig(method="laser", method_options={"rank": "wide"})
+
+
 def test_switching_method_clears_its_options():
     cfg = apply_overrides(train_preset("tiny"), ["method=laser", "method.rank=8", "method=none"])
     assert cfg.method == "none" and cfg.method_options == {}

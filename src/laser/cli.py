@@ -2,6 +2,7 @@
 
     laser train --preset quick --method laser:rank=32 --set lr=3e-4 --out runs/mine
     laser train --preset quick --out runs/mine --resume
+    torchrun --standalone --nproc_per_node 2 -m laser.cli train --preset quick --method laser --out runs/ddp
     laser compare --preset quick --methods none,laser,laser:quantize=int8 --seeds 2
 
 A subcommand is one entry of ``COMMANDS``: name -> (add_arguments(parser), run(args) -> exit code). A setting
@@ -62,27 +63,50 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train one model and print its final metrics."""
-    from laser.train.trainer import CHECKPOINT_NAME, Trainer
+    """Train one model and print its final metrics (under torchrun: data-parallel, rank 0 prints)."""
+    from laser.train import distributed
+    from laser.train.trainer import CHECKPOINT_NAME, CheckpointError, Trainer
 
     cfg = _resolve(args.preset, args.method, args.sets)
+    try:
+        main_process = distributed.env_world()[0] == 0
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+    def say(text: object) -> None:
+        if main_process:
+            print(text)
+
     label = args.method or cfg.method
     out = Path(args.out or cfg.out_dir or f"runs/{args.preset}-{label}".replace(":", "_").replace(",", "_"))
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
         raise UsageError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     if args.resume and not (out / CHECKPOINT_NAME).exists():
-        print(f"no checkpoint in {out}; starting a new run")
+        say(f"no checkpoint in {out}; starting a new run")
     cfg = dataclasses.replace(cfg, out_dir=str(out))
-    print("resolved config: " + json.dumps(config_to_dict(cfg)))
-    trainer = Trainer(cfg, resume=args.resume)
-    if trainer.step:
-        print(f"resumed at step {trainer.step} of {trainer.total_steps}")
-    result = trainer.train()
-    final = result["final"]
-    print(f"{label}: val token acc {100 * final['token_acc']:.2f}%, solve rate {100 * final['solve_rate']:.1f}% "
-          f"(trivial {100 * result['trivial_solve_rate']:.1f}%), saved activations {result['activation_bytes']} B "
-          f"of {result['raw_activation_bytes']} B, median step {result['median_step_seconds']:.3f} s; {out}")
-    print(trainer.method.report())
+    say("resolved config: " + json.dumps(config_to_dict(cfg)))
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # a setting that does not fit this launch (batch vs world size, device)
+        raise UsageError(str(err)) from err
+    try:
+        if trainer.parallel.world > 1:
+            say(f"{trainer.parallel.world} processes, parallel={cfg.parallel}, {cfg.batch // trainer.parallel.world} "
+                f"mazes of each global batch of {cfg.batch} per process")
+        if trainer.step:
+            say(f"resumed at step {trainer.step} of {trainer.total_steps}")
+        result = trainer.train()
+    finally:
+        distributed.teardown()
+    final, seconds = result["final"], result["method_seconds"]
+    say(f"{label}: val token acc {100 * final['token_acc']:.2f}%, solve rate {100 * final['solve_rate']:.1f}% "
+        f"(trivial {100 * result['trivial_solve_rate']:.1f}%), saved activations {result['activation_bytes']} B "
+        f"of {result['raw_activation_bytes']} B, median step {result['median_step_seconds']:.3f} s; {out}")
+    say(f"method time over {result['steps']} steps: encode {seconds['encode']:.3f} s, "
+        f"decode {seconds['decode']:.3f} s, update {seconds['update']:.3f} s (update includes the cross-process sync)")
+    say(trainer.method.report())
     return 0
 
 
@@ -121,8 +145,11 @@ def split_methods(text: str) -> list[str]:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Compare activation-memory methods over seeds and write report.md and results.json."""
+    from laser.train import distributed
     from laser.train.compare import compare
 
+    if distributed.env_world()[1] > 1:
+        raise UsageError("laser compare starts one process per (method, seed) itself; run it without torchrun")
     cfg = _resolve(args.preset, None, args.sets)
     try:
         specs = [parse_method_spec(s) for s in split_methods(args.methods)]

@@ -29,6 +29,11 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from laser.config import OUTSIDE, SiteFilter
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support
+    DTensor = None
 from laser.report import Report, SiteReport
 
 
@@ -349,6 +354,8 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
+    if DTensor is not None and isinstance(tensor, DTensor):  # a sharded parameter (FSDP2): its shard's storage
+        tensor = tensor.to_local()
     return tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr()
 
 

@@ -229,7 +229,9 @@ class Compressor(ActivationMethod):
         dist.all_gather(all_rows, rows)
         dist.all_gather(all_keys, keys)
         rows, keys = torch.cat(all_rows), torch.cat(all_keys).cpu()
-        keep = max(len(state.sample) if state.sample is not None else 0, 1)
+        sampled = 0 if state.sample is None else len(state.sample)
+        # the capacity this step sampled with: growth rows, or reset_rows at initialisation / before a reset
+        keep = self.config.reset_rows if state.basis is None or sampled > self.config.growth else self.config.growth
         top = torch.topk(keys, min(keep, int((keys >= 0).sum()))).indices
         return rows[top.to(device)], keys[top]
 

@@ -164,7 +164,8 @@ def compare(
             runs[(label, seed)] = r = future.result()
             log(f"  {label} seed {seed}: solve {r['final']['solve_rate']:.3f} "
                 f"(trivial {r['trivial_solve_rate']:.3f}), token acc {r['final']['token_acc']:.4f}, "
-                f"activations {format_bytes(r['activation_bytes'])}, median step {r['median_step_seconds']:.3f} s")
+                f"activations {format_bytes(r['activation_bytes'])}, median step {r['median_step_seconds']:.3f} s "
+                f"(CPU {r['median_step_cpu_seconds']:.3f} s)")
     wall = time.perf_counter() - start
 
     results = {label: _entry(label, labels, baseline, seeds, runs) for label in labels}
@@ -183,6 +184,12 @@ def _run_config(cfg: TrainConfig, spec: MethodSpec, seed: int, run_dir: Path) ->
     import dataclasses
 
     return dataclasses.replace(with_method(cfg, spec), seed=seed, out_dir=str(run_dir), progress=False)
+
+
+def step_time(result: dict) -> float:
+    """The step time a comparison uses: on a CPU the process CPU time of a step (other processes sharing the
+    machine do not inflate it), on a GPU the wall time (the step synchronises)."""
+    return result["median_step_seconds"] if result["device"].startswith("cuda") else result["median_step_cpu_seconds"]
 
 
 def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs: dict) -> dict:
@@ -205,9 +212,11 @@ def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs:
         "activation_ratio": summarize([r["activation_bytes"] / b["activation_bytes"] for r, b in zip(mine, base,
                                                                                                       strict=True)]),
         "peak_memory_bytes": summarize([r["peak_memory_bytes"] for r in mine]),
-        "step_time_ratio": summarize([r["median_step_seconds"] / b["median_step_seconds"]
-                                      for r, b in zip(mine, base, strict=True)]),
+        "step_time_ratio": summarize([step_time(r) / step_time(b) for r, b in zip(mine, base, strict=True)]),
+        "wall_step_time_ratio": summarize([r["median_step_seconds"] / b["median_step_seconds"]
+                                           for r, b in zip(mine, base, strict=True)]),
         "median_step_seconds": summarize([r["median_step_seconds"] for r in mine]),
+        "median_step_cpu_seconds": summarize([r["median_step_cpu_seconds"] for r in mine]),
         "token_acc": summarize(acc),
         "solve_rate": summarize(solve),
         "trivial_solve_rate": mine[0]["trivial_solve_rate"],
@@ -290,7 +299,9 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         f"baseline ({baseline}).",
         "- peak memory: CPU: peak RSS of the run's own process (it includes the Python runtime and data); "
         "CUDA: `torch.cuda.max_memory_allocated`.",
-        "- step time: median optimizer-step time divided by the baseline's, same seed, same comparison.",
+        "- step time: median optimizer-step time divided by the baseline's, same seed, same comparison; on a "
+        "CPU the process CPU time of a step (robust to other load on the machine; the wall-time ratio is "
+        "`wall_step_time_ratio` in results.json), on a GPU the synchronised wall time.",
         "- val token acc / solve rate: final validation accuracy per cell and whole-grid exact match, "
         "mean ± std over seeds; p: Welch t-test of the solve rate against the baseline (- for the baseline, "
         "a single seed, or no variance).",

@@ -49,32 +49,6 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def is_distributed() -> bool:
-    """Whether this process is part of an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Processes in the run (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    """Whether this process writes files and prints (rank 0)."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a one-process run)."""
-    if is_distributed():
-        dist.barrier()
-
-
 def backend_for(device: torch.device) -> str:
     """The collective backend of ``device``: NCCL on CUDA, gloo on the CPU."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -10,6 +10,10 @@ continuing from the previous step's (detached) carry. The loop never asks which 
 
 A checkpoint holds everything that decides the rest of the run (weights, optimizer, scheduler, method state,
 RNG states, data position and carry), so a resumed run ends with the same weights as an uninterrupted one.
+
+Under ``torchrun`` the same loop is data-parallel (:mod:`laser.train.distributed`, set up once in
+``Trainer.__init__``): each process trains on its slice of every global batch, metrics are averaged across
+processes, and rank 0 writes checkpoints that any number of processes can resume.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from laser.data import maze
 from laser.hooks import ActivationMethod
 from laser.models.trm import TRM, TRMCarry
 from laser.train.config import BOOKKEEPING_KEYS, TrainConfig, config_to_dict
+from laser.train.distributed import Parallel
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -73,12 +78,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: ``max_memory_allocated`` on CUDA, peak RSS on the CPU.
 
-    Peak RSS covers the whole life of the process, so it measures one run only in a fresh process.
+    Peak RSS covers the whole life of the process, so it measures one run only in a fresh process. On Linux
+    it is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` of a process started by fork + exec also counts
+    the RSS of the parent at the fork.
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,7 +258,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.parallel = Parallel.setup(cfg.parallel, resolve_device(cfg.device))  # one process unless torchrun
+        self.parallel.check_batch(cfg.batch)
+        if self.parallel.sharded and cfg.grad_probe_at:
+            raise ValueError(f"grad_probe_at={cfg.grad_probe_at} is invalid with parallel=fsdp: the probe needs "
+                             "whole parameters; set grad_probe_at=() or use parallel=ddp")
+        self.device = self.parallel.device
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" and bf16_supported(self.device) else None
         _seed_everything(cfg.seed)
@@ -259,6 +278,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the init is the same for every method of a seed
         self.model = TRM(cfg.model).to(self.device)
+        self.forward_step = self.parallel.prepare(self.model)  # model.forward_carry, under DDP or FSDP
         self.method: ActivationMethod = laser.methods.build(cfg.method, self.model, **cfg.method_options)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
@@ -268,11 +288,12 @@ class Trainer:
         )
         self.step = 0
         self.carry: TRMCarry | None = None
-        self.history: dict[str, list] = {"train": [], "eval": [], "grad_cosine": [], "step_seconds": []}
+        self.history: dict[str, list] = {"train": [], "eval": [], "grad_cosine": [], "step_seconds": [],
+                                         "step_cpu_seconds": []}
         self.probe_steps = sorted({max(1, round(f * self.total_steps)) for f in cfg.grad_probe_at})
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.parallel.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             self._trim_metrics()
@@ -284,14 +305,19 @@ class Trainer:
         return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
 
     def state_dict(self) -> dict:
-        """Everything that decides the rest of the run."""
-        carry = None if self.carry is None else {"y": self.carry.y.cpu(), "z": self.carry.z.cpu()}
+        """Everything that decides the rest of the run, whatever the number of processes that continue it.
+
+        Collective in a distributed run (every rank calls it): weights and optimizer state are full, the carry
+        is the global batch's; the method state is the same on every rank, the RNG states are this rank's.
+        """
+        gather = self.parallel.gather
+        carry = None if self.carry is None else {"y": gather(self.carry.y).cpu(), "z": gather(self.carry.z).cpu()}
         return {
             "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.cfg),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": self.parallel.model_state(self.model),
+            "optimizer": self.parallel.optimizer_state(self.model, self.opt),
             "scheduler": self.sched.state_dict(),
             "method": self.method.state_dict(),
             "method_seconds": dict(self.method.seconds),
@@ -302,11 +328,15 @@ class Trainer:
         }
 
     def save(self, path: str | Path | None = None) -> None:
-        """Write a checkpoint (default: ``out_dir/checkpoint.pt``)."""
+        """Write a checkpoint (default: ``out_dir/checkpoint.pt``); in a distributed run every rank calls it
+        and rank 0 writes, atomically, before any rank goes on."""
         path = path or self.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint path: set out_dir or pass a path")
-        save_checkpoint(path, self.state_dict())
+        state = self.state_dict()
+        if self.parallel.is_main:
+            save_checkpoint(path, state)
+        self.parallel.barrier()
 
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint saved with the same result-relevant settings."""
@@ -317,8 +347,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was saved with other settings {differ}; resume with the "
                                   "same config or start a new run in another out_dir")
         try:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
+            self.parallel.load_model_state(self.model, state["model"])
+            self.parallel.load_optimizer_state(self.model, self.opt, state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.method.load_state_dict(state["method"])
             self.stream.load_state_dict(state["data"])
@@ -326,7 +356,9 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {err})") from err
         carry = state["carry"]
-        self.carry = None if carry is None else TRMCarry(carry["y"].to(self.device), carry["z"].to(self.device))
+        if carry is not None:
+            carry = {k: self.parallel.shard(v).to(self.device) for k, v in carry.items()}  # this rank's slice
+        self.carry = None if carry is None else TRMCarry(carry["y"], carry["z"])
         self.step = state["step"]
         self.history = state["history"]
         self.method.seconds = dict(state["method_seconds"])
@@ -341,7 +373,7 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.parallel.is_main:
             with open(self.out_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -353,13 +385,13 @@ class Trainer:
     # --------------------------------------------------------------------------------------- training
     def train_step(self) -> dict:
         """One optimizer step (one deep-supervision step of the current batch); returns its metrics."""
-        inputs, targets, epoch, sup = self.stream.next()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        inputs, targets, epoch, sup = self.stream.next()  # the global batch
+        inputs, targets = self.parallel.shard(inputs).to(self.device), self.parallel.shard(targets).to(self.device)
         if sup == 0:
             self.carry = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with self.method, self._autocast():
-            self.carry, logits, halt_logits = self.model.forward_carry(inputs, self.carry)
+            self.carry, logits, halt_logits = self.forward_step(inputs, self.carry)
             loss = self.model.loss(logits, targets, halt_logits)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -369,10 +401,10 @@ class Trainer:
         self.sched.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         self.step += 1
         predictions = logits.detach().argmax(-1)
-        return {
+        metrics = {
             "step": self.step,
             "epoch": epoch,
             "sup": sup,
@@ -382,7 +414,10 @@ class Trainer:
             "token_acc": token_accuracy(predictions, targets),
             "solve_rate": solve_rate(predictions, targets),
             "step_seconds": seconds,
+            "step_cpu_seconds": cpu_seconds,
         }
+        return self.parallel.reduce(metrics, mean=("loss", "token_acc", "solve_rate"),
+                                    maximum=("step_seconds", "step_cpu_seconds"))
 
     @torch.no_grad()
     def evaluate(self, count: int = 0, batch: int = 256) -> dict:
@@ -451,10 +486,12 @@ class Trainer:
         stop = min(self.total_steps, until if until is not None else self.total_steps)
         wall_start = time.perf_counter()
         show = cfg.progress and sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc=cfg.method, leave=False)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (show and self.parallel.is_main),
+                   desc=cfg.method, leave=False)
         while self.step < stop:
             metrics = self.train_step()
             self.history["step_seconds"].append(metrics["step_seconds"])
+            self.history["step_cpu_seconds"].append(metrics["step_cpu_seconds"])
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 report = self.method.report()
                 metrics |= {"stored_bytes": report.stored_bytes, "raw_bytes": report.raw_bytes,
@@ -488,7 +525,7 @@ class Trainer:
         """Final metrics, curves, memory, step times and the method's last report, as plain data."""
         evals = self.history["eval"]
         final = evals[-1] if evals and evals[-1].get("final") else None
-        seconds = self.history["step_seconds"]
+        seconds, cpu = self.history["step_seconds"], self.history["step_cpu_seconds"]
         report = self.method.report()
         total_seconds = sum(seconds)
         method_seconds = dict(self.method.seconds)
@@ -506,6 +543,7 @@ class Trainer:
             "raw_activation_bytes": report.raw_bytes,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "median_step_seconds": statistics.median(seconds) if seconds else None,
+            "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
             "total_step_seconds": total_seconds,
             "method_seconds": method_seconds,
             "compression_share": sum(method_seconds.values()) / total_seconds if total_seconds else 0.0,

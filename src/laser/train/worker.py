@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from laser.train import distributed
 from laser.train.config import config_from_dict
 from laser.train.trainer import Trainer, write_json
 
@@ -24,9 +25,14 @@ def run(config_path: str | Path, result_path: str | Path, threads: int = 0) -> d
     if threads > 0:
         torch.set_num_threads(threads)
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
-    result = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.train()
+    finally:
+        distributed.teardown()
     result["threads"] = torch.get_num_threads()
-    write_json(result_path, result)
+    if trainer.parallel.is_main:
+        write_json(result_path, result)
     return result
 
 
