@@ -104,3 +104,12 @@ def test_subcommands_register_in_one_table():
     assert {"train", "compare"} <= set(COMMANDS)
     add_arguments, run = COMMANDS["compare"]
     assert callable(add_arguments) and callable(run)
+
+
+def test_analyze_is_registered_and_names_the_missing_checkpoint(tmp_path, capsys):
+    from laser.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "checkpoint.pt" in capsys.readouterr().err

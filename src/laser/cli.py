@@ -165,9 +165,24 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``laser analyze`` (imported lazily: matplotlib and the trainer are heavy)."""
+    from laser.analysis import analyze
+
+    analyze.add_arguments(parser)
+
+
+def _analyze_run(args: argparse.Namespace) -> int:
+    """Analyse a training run: spectra, linearity, statistics, gradient fidelity, depth; writes analysis.md."""
+    from laser.analysis import analyze
+
+    return analyze.run(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": (add_train_arguments, run_train),
     "compare": (add_compare_arguments, run_compare),
+    "analyze": (_analyze_arguments, _analyze_run),
 }
 
 
