@@ -58,15 +58,21 @@ def make_codes(codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
 
 def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0) -> bool:
     """Whether codes of ``rank`` columns for ``x`` (N, D) plus ``basis_share`` of the basis cost less than ``x``."""
-    code_bytes = 1 if quantize == "int8" else torch.finfo(dtype).bits // 8
-    activation_bytes = torch.finfo(dtype).bits // 8
-    return breaks_even(x.shape[0], x.shape[1], rank, activation_bytes, code_bytes, basis_share)
+    return breaks_even(x.shape[0], x.shape[1], rank, _element_bytes(dtype), _code_bytes(quantize, dtype), basis_share)
 
 
 def never_pays(dim: int, rank: int, quantize: str | None, dtype: torch.dtype) -> bool:
     """Whether codes of ``rank`` columns cost at least the raw row whatever the number of rows."""
-    code_bytes = 1 if quantize == "int8" else torch.finfo(dtype).bits // 8
-    return rank * code_bytes >= dim * (torch.finfo(dtype).bits // 8)
+    return rank * _code_bytes(quantize, dtype) >= dim * _element_bytes(dtype)
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _code_bytes(quantize: str | None, dtype: torch.dtype) -> int:
+    """Bytes per stored code element: int8 codes, or codes in the activation dtype."""
+    return 1 if quantize == "int8" else _element_bytes(dtype)
 
 
 class MeasuredMethod(ActivationMethod):
