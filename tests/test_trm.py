@@ -141,6 +141,9 @@ def test_presets():
         ({"rope_theta": float("nan")}, "rope_theta"),
         ({"forward_dtype": "float8"}, "forward_dtype"),
         ({"hidden": 64.0}, "hidden"),
+        ({"rope_2d": True, "seq_len": 120}, "rope_2d"),  # not a square grid
+        ({"rope_2d": True, "hidden": 24, "heads": 4}, "rope_2d"),  # head dim 6: no row and column pairs
+        ({"rope_2d": True, "rope": False}, "rope_2d"),
     ],
 )
 def test_invalid_config_raises(overrides, field):
@@ -364,6 +367,42 @@ def test_rope_scores_depend_on_relative_position(seed, head_dim, m, n, shift):
     rq, rk = at_every_position(q), at_every_position(k)
     scale = q.norm() * k.norm()
     assert abs(rq[m] @ rk[n] - rq[m + shift] @ rk[n + shift]) <= 1e-4 * scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    head_dim=st.sampled_from([4, 8, 16]),
+    cells=st.lists(st.integers(0, 6), min_size=6, max_size=6),
+)
+def test_rope_2d_scores_depend_on_grid_offset(seed, head_dim, cells):
+    # Two query/key pairs with the same (row, column) offset score alike, whatever their flat distance.
+    r1, c1, r2, c2, dr, dc = cells
+    side = 7 + 6  # room for every offset the strategy draws
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(head_dim, generator=gen), torch.randn(head_dim, generator=gen)
+    cos, sin = RotaryEmbedding(head_dim, max_len=side * side, theta=100.0, grid=side)(side * side)
+
+    def at_every_position(v):
+        return apply_rotary(v.expand(1, side * side, 1, head_dim), cos, sin)[0, :, 0]  # (L, hd)
+
+    rq, rk = at_every_position(q), at_every_position(k)
+    cell = lambda row, col: row * side + col  # noqa: E731
+    first = rq[cell(r1 + dr, c1 + dc)] @ rk[cell(r1, c1)]
+    second = rq[cell(r2 + dr, c2 + dc)] @ rk[cell(r2, c2)]
+    assert abs(first - second) <= 1e-4 * q.norm() * k.norm()
+
+
+def test_rope_2d_rows_and_columns_rotate_separate_channels():
+    cos, _ = RotaryEmbedding(8, max_len=9, grid=3)(9)
+    # hd 8: channels 0 and 4 rotate with the row at frequency 1, channels 2 and 6 with the column.
+    rows, cols = torch.arange(9) // 3, torch.arange(9) % 3
+    assert torch.allclose(cos[:, 0], rows.float().cos()) and torch.allclose(cos[:, 4], rows.float().cos())
+    assert torch.allclose(cos[:, 2], cols.float().cos()) and torch.allclose(cos[:, 6], cols.float().cos())
+    with pytest.raises(ValueError, match="grid"):
+        RotaryEmbedding(8, max_len=10, grid=3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RotaryEmbedding(6, max_len=9, grid=3)
 
 
 def test_rope_tables_are_not_persistent():

@@ -102,24 +102,40 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding tables (RoPE) for `max_len` positions and head size `head_dim`.
 
     Uses the "rotate half" layout of the reference: channel i pairs with channel i + head_dim/2, both
-    rotating at frequency theta^(-2i/head_dim). The tables are fp32 non-persistent buffers (recomputed on
+    rotating at frequency theta^(-2i/head_dim). With `grid=side` the positions are the cells of a
+    side x side grid in row-major order (2D RoPE): the first half of each half rotates with the row, the
+    second with the column, each at frequencies theta^(-4i/head_dim), so q.k depends on the (row, column)
+    offset instead of the flat distance. The tables are fp32 non-persistent buffers (recomputed on
     construction, never saved in a state dict).
     """
 
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, grid: int | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even to pair channels, got {head_dim}")
+        if grid is not None and head_dim % 4:
+            raise ValueError(f"RotaryEmbedding: 2D (grid) positions need head_dim divisible by 4, got {head_dim}")
+        if grid is not None and grid * grid != max_len:
+            raise ValueError(f"RotaryEmbedding: grid={grid} needs max_len = grid * grid = {grid * grid}, got {max_len}")
         self.max_len = max_len
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, hd/2)
+        self.grid = grid
+        positions = torch.arange(max_len, dtype=torch.float32)
+        if grid is None:
+            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            angles = torch.outer(positions, inv_freq)  # (L, hd/2)
+        else:
+            quarter = head_dim // 4
+            inv_freq = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+            row, col = positions.div(grid, rounding_mode="floor"), positions.remainder(grid)
+            angles = torch.cat((torch.outer(row, inv_freq), torch.outer(col, inv_freq)), dim=-1)  # (L, hd/2)
         angles = torch.cat((angles, angles), dim=-1)  # (L, hd)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def extra_repr(self) -> str:
         """Shown by print(model)."""
-        return f"head_dim={self.cos.shape[-1]}, max_len={self.max_len}"
+        grid = f", grid={self.grid}" if self.grid else ""
+        return f"head_dim={self.cos.shape[-1]}, max_len={self.max_len}{grid}"
 
     def forward(self, seq_len: int) -> CosSin:
         """The (cos, sin) tables for the first `seq_len` positions, each (seq_len, head_dim)."""

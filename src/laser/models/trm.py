@@ -53,6 +53,8 @@ class TRMConfig:
     H_cycles, L_cycles: recursion cycles (all but the last without grad) and latent updates per cycle.
     rope, rope_theta: rotary positions; rope=False uses learned absolute positions (the reference's
         "learned" option).
+    rope_2d: rotary positions over the (row, column) of a square grid (seq_len must be a square and the
+        head dim divisible by 4) instead of the flat index; grid tasks learn relative moves much sooner.
     checkpoint: recompute each `net` call of the grad cycle in backward (activation checkpointing).
     n_sup: deep-supervision steps; `forward` runs all of them, only the last with grad.
     act: add the halting head (halt logit per sequence, BCE target: whole sequence correct).
@@ -72,6 +74,7 @@ class TRMConfig:
     L_cycles: int = 24
     rope: bool = True
     rope_theta: float = 10000.0
+    rope_2d: bool = False
     checkpoint: bool = False
     n_sup: int = 1
     act: bool = False
@@ -95,6 +98,14 @@ class TRMConfig:
                 f"TRMConfig.hidden / TRMConfig.heads (head dim {self.head_dim}) must be even for RoPE; "
                 "change hidden or heads, or set rope=False"
             )
+        if self.rope_2d:
+            side = math.isqrt(self.seq_len)
+            if not self.rope or side * side != self.seq_len or self.head_dim % 4:
+                raise ValueError(
+                    f"TRMConfig.rope_2d needs rope=True, a square seq_len and a head dim divisible by 4; got "
+                    f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
+                    "or change seq_len/hidden/heads"
+                )
         for name in ("expansion", "rope_theta", "path_weight", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -214,7 +225,8 @@ class TRM(nn.Module):
         D = cfg.hidden
         self.embed = ScaledEmbedding(cfg.vocab, D, dtype=self.dtype)
         if cfg.rope:
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+            grid = math.isqrt(cfg.seq_len) if cfg.rope_2d else None
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta, grid=grid)
         else:
             self.pos = nn.Parameter(trunc_normal_(torch.empty(cfg.seq_len, D), std=1.0 / math.sqrt(D)))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.L_layers))

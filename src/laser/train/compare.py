@@ -307,6 +307,11 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "a single seed, or no variance).",
         "- grad cosine: cosine between the method's parameter gradient and the exact one (same weights, method "
         "off) on two fixed validation batches at the end of training, mean over seeds.",
+        "- `+checkpoint`: each recursion step's `net` call is recomputed in backward (`torch.utils.checkpoint`, "
+        "non-reentrant), so the graph keeps only each step's inputs and the tensors outside the recursion. "
+        "Combined with a method, those inputs are what the method stores (laser codes the per-step hidden "
+        "states): backward recomputes every step from the decoded inputs, and the tensors rebuilt in backward "
+        "live one step at a time, uncompressed.",
         "",
         "## Gradient fidelity and compression time",
         "",

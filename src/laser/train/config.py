@@ -230,7 +230,7 @@ def _quick() -> TrainConfig:
     """
     return TrainConfig(
         model=dataclasses.replace(trm.preset("quick"), hidden=64, heads=4, L_layers=1, H_cycles=1, L_cycles=6,
-                                  n_sup=1, path_weight=2.5, rope_theta=100.0),
+                                  n_sup=1, path_weight=2.5, rope_theta=100.0, rope_2d=True),
         data=DataConfig(size=7, count=20_512, val_count=512),
         # The paper's k=128 is a quarter of D=512; at D=64 a rank of 128 compresses only the widest sites and
         # its projections cost more than the model's own matmuls.
@@ -244,7 +244,6 @@ def _quick() -> TrainConfig:
         eval_every=100,
         eval_count=256,
         log_every=10,
-        grad_probe_at=(0.1, 1.0),
     )
 
 
