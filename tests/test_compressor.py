@@ -562,3 +562,57 @@ def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
     assert len({record for record, _ in decodes}) == len(decodes)  # each storage decoded once
     for a, b in zip(grads(model), expected, strict=True):
         assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+def test_row_width_folds_dense_trailing_dimensions_in_memory_order():
+    from laser.hooks import row_width
+
+    x = torch.empty(2, 5, 4, 8)  # (B, L, H, hd)
+    assert row_width(x) == 8 and row_width(x, 31) == 8
+    assert row_width(x, 32) == 32 and row_width(x, 159) == 32  # hd -> H * hd, the widest fold <= fold_to
+    assert row_width(x, 160) == 160  # then L as well
+    assert row_width(x.transpose(1, 2), 32) == 32  # (B, H, L, hd) view of the same layout: same rows
+    assert row_width(torch.empty(2, 4, 5, 8), 32) == 8  # heads-major layout: hd would fold with L
+    assert row_width(torch.empty(2, 4, 5, 8), 40) == 40
+    assert row_width(torch.empty(2, 5, 4, 16)[..., :8], 64) == 8  # not dense: nothing to fold
+    assert row_width(torch.empty(2, 5, 1, 4, 8), 32) == 32  # size-1 dimensions are skipped
+    assert row_width(torch.empty(2, 5, 8).transpose(1, 2), 40) == 5  # last dim not innermost: kept as is
+    assert row_width(torch.tensor(1.0), 32) == 1
+
+
+class RotatedAttention(nn.Module):
+    """q and k are new (B, L, H, hd) storages (an elementwise op, like RoPE), attended as (B, H, L, hd)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (2.0 * f(x).view(b, n, self.heads, d // self.heads) for f in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # (B, H, L, hd)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("fold_to", [0, 16])
+def test_folded_head_width_storages_are_coded_per_token(fold_to):
+    torch.manual_seed(0)
+    b, n, d, heads, r = 4, 24, 16, 2, 2
+    # x has rank 2: q and k rows lie in rank-2 spaces, an output row in the sum of the two heads' v spaces
+    # (rank 4, holding v): rank 8 in all, which 8-wide head rows cannot beat but 16-wide token rows can.
+    rank = 4 * r
+    model = RotatedAttention(d, heads)
+    x = low_rank_input(b * n, d, r).view(b, n, d)
+    expected = twin_grads(model, x)
+    got, comp = compressed_grads(model, x, rank=rank, max_rank=rank, min_numel=0, fold_to=fold_to)
+    width = d if fold_to else d // heads
+    row = comp.report().site(f"RotatedAttention:{width}")
+    # q, k, v (2 * linear: new storages) and the attention output, each b * n * d fp32
+    assert row.raw_bytes == 4 * b * n * d * 4
+    if fold_to:
+        assert row.stored_bytes == 4 * b * n * rank * 4 + d * rank * 4  # codes of 4 storages + one basis
+        for a, e in zip(got, expected, strict=True):
+            assert (a - e).norm() <= 1e-4 * e.norm()
+    else:
+        assert row.stored_bytes == row.raw_bytes  # rank-8 codes of 8-wide rows never pay

@@ -2,6 +2,7 @@
 corrupt checkpoints, every method through the same loop, the gradient probe, the comparison statistics."""
 
 import dataclasses
+import importlib
 import json
 import math
 
@@ -33,6 +34,8 @@ from laser.train import (
 from laser.train.config import parse_literal
 from laser.train.trainer import BatchStream, WarmupCosine, peak_memory_bytes
 
+# laser.train re-exports the compare() function under the module's name.
+compare_mod = importlib.import_module("laser.train.compare")
 FAST = settings(max_examples=25, deadline=None)
 # A tiny run whose LASER actually compresses (the tiny model's tensors are small).
 LASER_TINY = ["method=laser", "method.rank=4", "method.min_numel=16"]
@@ -381,3 +384,35 @@ def test_summarize_and_welch():
     assert welch_p_value([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
     # t = (2 - 12) / sqrt(1/3 + 1/3) = -12.25 with 4 degrees of freedom: p = 2.5e-4
     assert welch_p_value([1.0, 2.0, 3.0], [11.0, 12.0, 13.0]) == pytest.approx(2.5e-4, rel=0.05)
+
+
+def _entry(memory: float, time: float, solve: list[float], p: float | None, cos: float,
+           curve: tuple[float, ...] = ()) -> dict:
+    return {"activation_bytes": summarize([memory]), "activation_ratio": summarize([memory / 100.0]),
+            "step_time_ratio": summarize([time]), "solve_rate": summarize(solve), "p_value": p,
+            "gradient_cosine": {"model": summarize([cos]), "curve": [{"step": 10 * (i + 1), "model": summarize([c])}
+                                                                     for i, c in enumerate(curve)]}}
+
+
+def test_pareto_front_and_axis_winners():
+    results = {
+        "none": _entry(100.0, 1.0, [0.5, 0.6], None, 1.0, (1.0, 1.0)),
+        "small": _entry(10.0, 1.5, [0.1, 0.1], 0.01, 0.2, (0.9, 0.2)),  # least memory, accuracy lost
+        "good": _entry(30.0, 1.4, [0.5, 0.58], 0.8, 0.99, (0.99,)),  # accuracy kept
+        "worse": _entry(40.0, 1.6, [0.4, 0.5], 0.3, 0.98),  # beaten by "good" on every axis
+        "twin": _entry(30.0, 1.4, [0.5, 0.58], 0.8, 0.99),  # equal to "good": neither dominates
+    }
+    assert compare_mod.pareto_front(results) == ["none", "small", "good", "twin"]
+    assert compare_mod.keeps_accuracy(results["good"], results["none"])
+    assert not compare_mod.keeps_accuracy(results["small"], results["none"])
+    assert compare_mod.keeps_accuracy(_entry(1.0, 1.0, [0.7], None, 1.0), results["none"])  # higher mean
+    lines = "\n".join(compare_mod.axis_winners(results, "none"))
+    assert "least activation memory: **small** (0.100" in lines
+    assert "not significantly below the baseline's (Welch p >= 0.05 or a higher mean): **good** (0.300" in lines
+    assert "fastest: **good**" in lines and "most faithful gradients: **good** (cosine 0.9900)" in lines
+    assert "Pareto front (activation memory, step time, solve rate): **none**, **small**, **good**, **twin**" in lines
+    table = compare_mod.gradient_curve_table(results)
+    assert table[0] == "| method | step 10 | step 20 |"
+    assert table[3] == "| small | 0.9000 ± 0.0000 | 0.2000 ± 0.0000 |"
+    assert table[4] == "| good | 0.9900 ± 0.0000 | - |"
+    assert compare_mod.axis_winners({"none": results["none"]}, "none") == []

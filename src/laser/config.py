@@ -30,6 +30,13 @@ class SiteFilter:
         exclude: glob patterns on site names never touched, applied after ``include``.
         model_only: touch only tensors saved while a module of the model runs; what is saved outside it
             (the loss: a log-softmax whose errors the loss gradient amplifies) stays raw.
+        fold_to: widest row a fold may make: a storage is coded as rows of its innermost dense dimensions
+            merged while the width stays <= fold_to (see :func:`laser.hooks.row_width`). With the model
+            width, attention heads (B, H, L, hd) laid out as (B, L, H, hd) become rows of H*hd, one per
+            token, which a rank-k basis can compress where rows of width hd <= k could not. 0: no folding.
+            Off by default because it hurt where we measured it: on a trained quick-preset TRM, coding
+            attention's q, k and output (errors a sharp softmax amplifies) left a gradient cosine of 0.94
+            even at fidelity 0.9997 (``benchmarks/grad_probe.py``); check gradients before using it.
     """
 
     min_numel: int = 1024
@@ -37,11 +44,13 @@ class SiteFilter:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     model_only: bool = True
+    fold_to: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _require(self.min_numel >= 0, "min_numel", self.min_numel, "must be >= 0")
         _require(self.min_dim >= 1, "min_dim", self.min_dim, "must be >= 1")
+        _require(self.fold_to >= 0, "fold_to", self.fold_to, "must be >= 0 (0: no folding)")
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 

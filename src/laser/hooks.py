@@ -157,6 +157,29 @@ class SiteAccount:
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def row_width(base: torch.Tensor, fold_to: int = 0) -> int:
+    """Width of the rows a storage is coded in: ``base``'s last dimension, folded up to ``fold_to``.
+
+    The dimensions of ``base`` are taken in memory order (innermost first) and merged into the row while
+    each continues the dense block before it (stride == the block's size) and the merged width stays
+    <= ``fold_to``. The layout is what counts, not the dimension order: attention heads (B, H, L, hd) with
+    the strides of a (B, L, H, hd) tensor fold into rows of H*hd per token when ``fold_to`` >= H*hd, while
+    a heads-major (B, H, L, hd) tensor would need L*hd and is left alone for a ``fold_to`` of the model
+    width. Size-1 dimensions are skipped; a last dimension that is not innermost is never folded.
+    """
+    if base.dim() == 0:
+        return 1
+    width = base.shape[-1]
+    if base.stride(-1) != 1:
+        return width
+    dims = sorted((d for d in range(base.dim() - 1) if base.shape[d] > 1), key=base.stride)
+    for d in dims:
+        if base.stride(d) != width or width * base.shape[d] > fold_to:
+            break
+        width *= base.shape[d]
+    return width
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's own elements."""
     return t.numel() * t.element_size()
@@ -242,7 +265,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     def _encode_storage(self, tensor: torch.Tensor) -> Packed | None:
         """Account a newly seen storage and encode it when admitted; ``None`` keeps it raw."""
         base = tensor._base if tensor._base is not None else tensor
-        dim = base.shape[-1] if base.dim() else 1
+        dim = row_width(base, self.config.fold_to)
         site = f"{self._namer.current()}:{dim}"
         storage_bytes = tensor.untyped_storage().nbytes()
         account = self._accounts.setdefault(site, SiteAccount(dim))

@@ -275,6 +275,81 @@ def markdown_table(results: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def keeps_accuracy(entry: dict, baseline: dict, alpha: float = 0.05) -> bool:
+    """Whether a method's solve rate is not significantly below the baseline's (Welch p >= ``alpha``, or a mean
+    at least the baseline's; with one seed or no variance only the means are compared)."""
+    if entry["solve_rate"]["mean"] >= baseline["solve_rate"]["mean"]:
+        return True
+    return entry["p_value"] is not None and entry["p_value"] >= alpha
+
+
+def pareto_front(results: dict) -> list[str]:
+    """Methods no other method beats on every axis at once: less activation memory, less step time and a
+    higher mean solve rate (ties count as not worse; a method equal on all three is not dominated)."""
+    def axes(e: dict) -> tuple[float, float, float]:
+        return e["activation_bytes"]["mean"], e["step_time_ratio"]["mean"], -e["solve_rate"]["mean"]
+
+    front = []
+    for label, e in results.items():
+        mine = axes(e)
+        dominated = any(
+            all(o <= m for o, m in zip(axes(other), mine, strict=True)) and axes(other) != mine
+            for other_label, other in results.items() if other_label != label
+        )
+        if not dominated:
+            front.append(label)
+    return front
+
+
+def axis_winners(results: dict, baseline: str) -> list[str]:
+    """Plain-language lines: who wins on which axis, measured (markdown bullets)."""
+    base = results[baseline]
+    others = {label: e for label, e in results.items() if label != baseline}
+    if not others:
+        return []
+    keeping = {label: e for label, e in others.items() if keeps_accuracy(e, base)}
+
+    def best(pool: dict, key: Callable[[dict], float]) -> str:
+        return min(pool, key=lambda label: key(pool[label]))
+
+    def memory(e: dict) -> float:
+        return e["activation_bytes"]["mean"]
+
+    lines = [f"- least activation memory: **{best(others, memory)}** "
+             f"({others[best(others, memory)]['activation_ratio']['mean']:.3f} of the baseline)"]
+    if keeping:
+        label = best(keeping, memory)
+        e = keeping[label]
+        lines.append(f"- least activation memory with a solve rate not significantly below the baseline's "
+                     f"(Welch p >= 0.05 or a higher mean): **{label}** ({e['activation_ratio']['mean']:.3f}, "
+                     f"solve {_pm(e['solve_rate'], percent=True, digits=1)})")
+    else:
+        lines.append("- no method kept a solve rate statistically indistinguishable from the baseline's")
+    label = best(others, lambda e: e["step_time_ratio"]["mean"])
+    lines.append(f"- fastest: **{label}** ({_pm(others[label]['step_time_ratio'])} x the baseline's step time)")
+    label = best(others, lambda e: -(e["gradient_cosine"]["model"]["mean"] or 0.0))
+    cosine = others[label]["gradient_cosine"]["model"]["mean"]
+    lines.append(f"- most faithful gradients: **{label}** (cosine {cosine:.4f})")
+    label = best(others, lambda e: -e["solve_rate"]["mean"])
+    lines.append(f"- highest solve rate: **{label}** ({_pm(others[label]['solve_rate'], percent=True, digits=1)})")
+    lines.append("- Pareto front (activation memory, step time, solve rate): "
+                 + ", ".join(f"**{m}**" for m in pareto_front(results)))
+    return lines
+
+
+def gradient_curve_table(results: dict) -> list[str]:
+    """Markdown lines: whole-model gradient cosine of every method at each probe point of training."""
+    steps = sorted({point["step"] for e in results.values() for point in e["gradient_cosine"]["curve"]})
+    if not steps:
+        return []
+    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for label, e in results.items():
+        by_step = {point["step"]: point["model"] for point in e["gradient_cosine"]["curve"]}
+        cells = [_pm(by_step[s], digits=4) if s in by_step and by_step[s]["mean"] is not None else "-" for s in steps]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(results: dict, resolved: dict, table: str, plots: list[str], wall: float, baseline: str) -> str:
     """The whole report.md."""
     first = next(iter(results.values()))
@@ -291,6 +366,7 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "",
         table,
         "",
+        *(["## Who wins on which axis", "", *axis_winners(results, baseline), ""] if len(results) > 1 else []),
         "Method options as run (preset defaults included): "
         + "; ".join(f"{label}: {e['name']} {e['options'] or '(defaults)'}" for label, e in results.items()) + ".",
         "",
@@ -322,6 +398,10 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         cos, p = e["gradient_cosine"]["model"], e["p_value_token_acc"]
         lines.append(f"| {label} | {'-' if cos['mean'] is None else _pm(cos, digits=4)} | "
                      f"{'-' if p is None else f'{p:.3g}'} | {_pm(e['compression_share'], percent=True, digits=1)} |")
+    curve = gradient_curve_table(results)
+    if curve:
+        lines += ["", "Whole-model gradient cosine against the exact gradient at points of training (same weights, "
+                  "same fixed validation batches; mean ± std over seeds):", "", *curve]
     for label, e in results.items():
         sites = e["report"]["sites"]
         site_cos = e["gradient_cosine"]["sites"]

@@ -1,0 +1,86 @@
+"""Gradient fidelity and stored bytes of method specs on a trained run's weights.
+
+For each method spec (``NAME[:key=value,...]``, as ``laser compare`` takes them) the method is warmed up
+on ``--warmup`` validation batches (so LASER's bases are tracked, not fresh), then on ``--batches`` other
+validation batches the parameter gradient with the method is compared with the exact one (same weights,
+method off): cosine and relative error of the whole-model gradient, the saved bytes the method kept
+against ``none``'s, and the fidelity of the sites named by ``--show``.
+
+It answers "which sites may a method touch": e.g. whether attention heads folded into token rows
+(``laser:fold_to=64``) keep gradients, on a quick-preset run:
+
+    laser train --preset quick --out runs/quick-none
+    python benchmarks/grad_probe.py runs/quick-none laser laser:fold_to=64 laser:fold_to=64,rank=60,max_rank=60
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from common import environment, markdown_table, ratio, set_threads, size
+from laser import methods
+from laser.analysis.analyze import build_model, load_run, supervision_loss, validation_batches
+from laser.analysis.gradients import parameter_gradient
+from laser.train.config import parse_method_spec
+
+
+def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: int,
+          show: Sequence[str]) -> list[list[object]]:
+    """One table row per spec: grad cosine, relative error, saved bytes and the fidelity of ``show`` sites."""
+    run = load_run(run_dir)
+    device = torch.device("cpu")
+    pool = validation_batches(run.config, batch, device)
+    if len(pool) < warmup + batches:
+        raise ValueError(f"--warmup {warmup} + --batches {batches} need {warmup + batches} validation batches of "
+                         f"{batch}, the run has {len(pool)}: lower them or --batch")
+    warm, measured = pool[:warmup], pool[warmup:warmup + batches]
+    rows = []
+    baseline_bytes = None
+    for text in ["none", *specs]:
+        spec = parse_method_spec(text)
+        model = build_model(run.config, run.weights[run.final_step], device)
+        defaults = run.config.method_defaults.get(spec.name, {})
+        method = methods.build(spec.name, model, **{**defaults, **spec.options})
+        for b in warm:
+            with method:
+                loss = supervision_loss(model, b)
+            loss.backward()
+            method.step()
+        model.zero_grad(set_to_none=True)
+        exact = parameter_gradient(model, measured, supervision_loss)
+        approx = parameter_gradient(model, measured, supervision_loss, method)
+        method.step()
+        report = method.report()
+        baseline_bytes = baseline_bytes or report.stored_bytes
+        cosine = (approx @ exact / (approx.norm() * exact.norm())).item()
+        sites = {s.name: s for s in report.sites}
+        shown = [f"{sites[n].rank} / {sites[n].fidelity:.4f}" if n in sites else "-" for n in show]
+        rows.append([text, f"{cosine:.4f}", f"{((approx - exact).norm() / exact.norm()).item():.4f}",
+                     size(report.stored_bytes), ratio(report.stored_bytes, baseline_bytes), *shown])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run folder holding checkpoint.pt (laser train --out)")
+    parser.add_argument("specs", nargs="+", help="method specs, e.g. laser:rank=32,fold_to=64")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=4, help="validation batches the gradients are summed over")
+    parser.add_argument("--warmup", type=int, default=4, help="method steps before measuring")
+    parser.add_argument("--show", nargs="*", default=["blocks.0.attn:64", "blocks.0.attn:16", "blocks.0.mlp:512"],
+                        help="sites whose rank / fidelity get a column")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    rows = probe(args.run_dir, args.specs, args.batch, args.batches, args.warmup, args.show)
+    print(f"## Gradient fidelity on {args.run_dir}\n\n{environment('cpu')}; {args.batches} validation batches of "
+          f"{args.batch} after {args.warmup} warm-up steps; method options include the run's preset defaults.\n")
+    headers = ["method", "grad cosine", "grad rel. error", "saved", "vs none"] + [f"{s} rank / fid." for s in args.show]
+    print(markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
