@@ -46,7 +46,8 @@ from laser.hooks import Packed
 from laser.models.trm import TRMConfig
 from laser.report import Report
 
-LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8"]
+LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8",
+                  "laser-s8", "laser-s8-int8"]
 BASIS_BYTES = 4  # bases are fp32
 SCALE_BYTES = 4  # one fp32 scale per int8 code column
 
@@ -98,9 +99,11 @@ def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int
     return min(codes, raw)
 
 
-def compression_flops(rows: Sequence[int], dim: int, rank: int) -> int:
-    """FLOPs of projection, accumulation and reconstruction for storages of ``rows[i]`` x ``dim`` at ``rank``."""
-    return 3 * 2 * sum(rows) * dim * rank
+def compression_flops(rows: Sequence[int], dim: int, rank: int, stride: int = 1) -> int:
+    """FLOPs of projection, accumulation and reconstruction for storages of ``rows[i]`` x ``dim`` at ``rank``;
+    the accumulation sees every ``stride``-th row (``LaserConfig.accumulate_stride``)."""
+    accumulated = sum(-(-r // stride) if r > stride else r for r in rows)
+    return 2 * (2 * sum(rows) + accumulated) * dim * rank
 
 
 def block_flops(cfg: TRMConfig, batch: int, seq: int) -> int:
@@ -133,7 +136,7 @@ def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
     return recorder.shapes
 
 
-def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool) -> list[dict]:
+def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride: int = 1) -> list[dict]:
     """Per site: dim, tensors, rows, rank reached, raw, measured and floor bytes, and extra FLOPs."""
     rows = []
     for site in report.sites:
@@ -143,7 +146,7 @@ def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool) -> lis
             codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8)
             floor += codes - shape.raw_bytes
             if codes < shape.raw_bytes:
-                flops = compression_flops(shape.rows, shape.dim, site.rank)
+                flops = compression_flops(shape.rows, shape.dim, site.rank, stride)
         rows.append({"site": site.name, "dim": site.dim, "tensors": site.tensors,
                      "rows": sum(shape.rows) if shape is not None else 0, "rank": site.rank,
                      "raw": site.raw_bytes, "stored": site.stored_bytes, "floor": floor, "flops": flops})
@@ -171,7 +174,8 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
     block = block_flops(workload.trm_config(), workload.batch, workload.maze**2)
     summary, details = [], []
     for spec in specs[1:]:
-        site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8")
+        site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8",
+                               spec.options.get("accumulate_stride", 1))
         stored = sum(r["stored"] for r in site_rows)
         floor = sum(r["floor"] for r in site_rows)
         share = sum(r["flops"] for r in site_rows) / block

@@ -370,6 +370,14 @@ def test_analyze_writes_every_section(tiny_run, tmp_path):
         assert f"({figure})" in text
         assert (path.parent / figure).stat().st_size > 0
     results = json.loads((path.parent / "analysis.json").read_text())
+    from laser.data import maze
+    from laser.train import train_preset
+
+    d = train_preset("tiny").data
+    split = maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
+    trivial = float((split.val_inputs == split.val_targets).all(axis=1).mean())  # copying the input solves these
+    assert results["run"]["trivial_solve_rate"] == pytest.approx(trivial)
+    assert f"solves {100 * trivial:.1f}% of these mazes (the trivial rate)" in text
     verdicts = [c["held"] for c in results["claims"]]
     assert len(verdicts) == 7 and all(v in (True, False, None) for v in verdicts)
     assert results["spectra"]["main_sites"]["mlp"] == "blocks.0.mlp:512"  # gate_up output: 2 x 256

@@ -82,6 +82,8 @@ def test_floor_bytes_grows_with_rank_and_never_exceeds_raw(rows, dim, ranks, int
 def test_compression_flops_by_hand():
     # 8 rows of width 4 at rank 2: three matmuls of 8*4*2 multiply-adds, 2 FLOPs each.
     assert floor.compression_flops([3, 5], 4, 2) == 3 * 2 * 8 * 4 * 2 == 384
+    # stride 2: projection and reconstruction see 8 rows, the accumulation ceil(3/2) + ceil(5/2) = 5
+    assert floor.compression_flops([3, 5], 4, 2, stride=2) == 2 * (2 * 8 + 5) * 4 * 2 == 336
 
 
 def test_block_flops_by_hand():

@@ -486,6 +486,8 @@ def test_include_and_exclude_patterns_select_sites():
         ("max_rank", 4, "max_rank"),
         ("patience", 0, "patience"),
         ("power_iters", 0, "power_iters"),
+        ("accumulate_stride", 0, "accumulate_stride"),
+        ("fold_to", -1, "fold_to"),
         ("policy", "fast", "'paper' or 'guarded'"),
         ("quantize", "int4", "quantize"),
         ("min_numel", -1, "min_numel"),
@@ -616,3 +618,48 @@ def test_folded_head_width_storages_are_coded_per_token(fold_to):
             assert (a - e).norm() <= 1e-4 * e.norm()
     else:
         assert row.stored_bytes == row.raw_bytes  # rank-8 codes of 8-wide rows never pay
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_strided_accumulation_tracks_a_rotating_subspace(stride):
+    # A stream whose top-4 subspace turns a little every step: the tracked basis must follow it whether the
+    # power-iteration statistic uses every row or every 4th one.
+    from laser.subspace import orthonormalize
+
+    d, k, n = 32, 4, 512
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.tensor([10.0, 8.0, 6.0, 5.0] + [0.3] * (d - k))
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    turn = torch.linalg.matrix_exp(0.05 * (lambda a: a - a.T)(torch.randn(d, d, generator=g)))  # small rotation
+    model = LowRankChain(d)
+    comp = Compressor(model, laser.LaserConfig(rank=k, max_rank=k, min_numel=0, policy="paper",
+                                               accumulate_stride=stride, threshold=0.5))
+    for _ in range(12):
+        rotation = turn @ rotation
+        x = (torch.randn(n, d, generator=g) * spectrum) @ rotation.T
+        with comp:
+            loss = loss_of(model, x)
+        loss.backward()
+        comp.step()
+    basis = comp.sites["first:32"].basis
+    target = orthonormalize(rotation[:, :k])
+    sine = torch.linalg.matrix_norm(target - basis @ (basis.T @ target), ord=2)
+    assert sine < 0.25
+    assert comp.sites["first:32"].resets == 0 and comp.sites["first:32"].expansions == 0
+
+
+def test_strided_accumulation_uses_every_strided_row_exactly():
+    torch.manual_seed(0)
+    model = LowRankChain(16)
+    comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0, accumulate_stride=3))
+    x = torch.randn(10, 16)
+    warm_up(comp, x)
+    offsets = torch.Generator().manual_seed(0)
+    offsets.set_state(comp.generator.get_state())
+    with comp:
+        loss_of(model, x)
+    state = comp.sites["first:16"]
+    basis = comp.sites["first:16"].basis
+    start = int(torch.randint(3, (), generator=offsets))
+    rows = x[start::3]
+    assert torch.allclose(state.accumulator, rows.T @ (rows @ basis), atol=1e-5)

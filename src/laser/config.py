@@ -112,6 +112,10 @@ class LaserConfig(SiteFilter):
         patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
         power_iters: power-iteration steps per training step; the first uses every activation of the step
             (matrix-free), further ones use the step's row sample.
+        accumulate_stride: the power-iteration statistic ``M += X^T Z`` uses every this-many-th row of each
+            tensor (a strided view from a random offset: no copy). 1 is Algorithm 1 exactly; ``s`` divides
+            the cost of that matmul, a third of LASER's extra FLOPs, by ``s``, while ``M`` stays an unbiased
+            estimate of ``X^T X Q`` up to a scale the orthonormalisation removes.
         policy: ``"paper"`` follows Algorithm 1; ``"guarded"`` also stores raw any tensor whose own
             fidelity is below ``threshold``, so no reconstruction is worse than the threshold.
         quantize: ``None`` keeps codes in the activation dtype; ``"int8"`` stores per-column int8 codes.
@@ -126,6 +130,7 @@ class LaserConfig(SiteFilter):
     max_rank: int = 512
     patience: int = 2
     power_iters: int = 1
+    accumulate_stride: int = 1
     policy: str = "guarded"
     quantize: str | None = None
     reset_rows: int = 1024
@@ -140,6 +145,8 @@ class LaserConfig(SiteFilter):
         _require(self.max_rank >= self.rank, "max_rank", self.max_rank, f"must be >= rank ({self.rank})")
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
+        _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,
+                 "must be >= 1 (1: every row)")
         _require(self.policy in ("paper", "guarded"), "policy", self.policy, "use 'paper' or 'guarded'")
         _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
         _require(self.reset_rows >= self.rank, "reset_rows", self.reset_rows, f"must be >= rank ({self.rank})")

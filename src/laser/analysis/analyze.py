@@ -149,10 +149,15 @@ def supervision_loss(model: TRM, batch: tuple[Tensor, Tensor]) -> Tensor:
     return model.loss(logits, targets, halt_logits)
 
 
+def validation_split(cfg: TrainConfig) -> maze.MazeSplit:
+    """The run's maze split (from the cache when present)."""
+    d = cfg.data
+    return maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
+
+
 def validation_batches(cfg: TrainConfig, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     """The run's validation mazes in consecutive batches of ``batch`` (the last partial one dropped)."""
-    d = cfg.data
-    split = maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
+    split = validation_split(cfg)
     inputs, targets = torch.from_numpy(split.val_inputs).to(device), torch.from_numpy(split.val_targets).to(device)
     return [(inputs[i : i + batch], targets[i : i + batch]) for i in range(0, len(inputs) - batch + 1, batch)]
 
@@ -457,7 +462,8 @@ def write_report(results: dict, claims: list[Claim], out: Path) -> Path:
         f"Model: TRM hidden {run['hidden']}, {run['L_cycles']} L-cycles x {run['H_cycles']} H-cycles, "
         f"{run['n_sup']} supervision steps; trained with `{run['method']}` "
         f"({run['method_options'] or 'default options'}) for "
-        f"{run['step']} steps. Final validation: {run['final']}.",
+        f"{run['step']} steps. Final validation: {run['final']}; a model that copies its input grid solves "
+        f"{100 * run['trivial_solve_rate']:.1f}% of these mazes (the trivial rate).",
         f"Analysis batches: {run['batches']} x {run['batch']} validation mazes; up to {run['max_rows']} rows per "
         f"site; settings `{run['settings']}`; {results['seconds']:.0f} s.",
         "",
@@ -631,6 +637,7 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
     except ValueError as err:
         table = f"LASER saved nothing here: {err}."
     final_eval = next((e for e in reversed(run.history.get("eval", [])) if e.get("final")), None)
+    split = validation_split(cfg)
     results = {
         "run": {
             "path": str(run.path), "method": cfg.method, "method_options": cfg.method_options,
@@ -638,6 +645,7 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
             "H_cycles": cfg.model.H_cycles, "n_sup": cfg.model.n_sup,
             "final": (f"token accuracy {100 * final_eval['token_acc']:.2f}%, solve rate "
                       f"{100 * final_eval['solve_rate']:.1f}%") if final_eval else "not recorded",
+            "trivial_solve_rate": maze.trivial_solve_rate(split.val_inputs, split.val_targets),
             "batch": batch, "batches": min(max_batches, len(batches)), "grad_batches": settings.grad_batches,
             "max_rows": settings.max_rows, "settings": "quick" if quick else "full",
         },

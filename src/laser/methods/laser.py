@@ -143,11 +143,17 @@ class Compressor(ActivationMethod):
                     x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
         cfg = self.config
         state.rank_used = codes.shape[1]
+        rows, row_codes = xf, codes
+        if cfg.accumulate_stride > 1 and len(xf) > cfg.accumulate_stride:
+            # A random offset per tensor, so a row layout with a period dividing the stride (tokens of a
+            # sequence) is still covered across the step's tensors.
+            start = int(torch.randint(cfg.accumulate_stride, (), generator=self.generator))
+            rows, row_codes = xf[start :: cfg.accumulate_stride], codes[start :: cfg.accumulate_stride]
         if state.accumulator is None:
-            state.accumulator = xf.T @ codes  # (D, k)
+            state.accumulator = rows.T @ row_codes  # (D, k)
             state.x_sq, state.codes_sq = x_sq, codes_sq
         else:
-            state.accumulator.addmm_(xf.T, codes)
+            state.accumulator.addmm_(rows.T, row_codes)
             state.x_sq, state.codes_sq = state.x_sq + x_sq, state.codes_sq + codes_sq
         reset_possible = state.low_steps >= cfg.patience - 1
         capacity = cfg.reset_rows if reset_possible or cfg.power_iters > 1 else cfg.growth
