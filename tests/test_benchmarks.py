@@ -208,5 +208,6 @@ def test_gpu_script_dry_run_on_cpu():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = table_rows(proc.stdout, "| " + " | ".join(step.HEADERS) + " |")
-    assert [r[0] for r in rows] == ["none", "laser r16", "laser-int8 r16", "checkpoint"]
+    assert [r[0] for r in rows] == ["none", "laser r16", "laser-int8 r16", "laser-s8 r16", "laser-s8-int8 r16",
+                                    "checkpoint"]
     assert "bf16 autocast" in proc.stdout
