@@ -53,6 +53,24 @@ def test_compare_smoke_writes_report_and_results(tmp_path, capsys):
     assert "| method |" in stdout and "resolved config" in stdout
 
 
+def test_compare_resume_reuses_only_runs_finished_with_the_same_settings(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "tiny", "--methods", "none", "--seeds", "1", "--jobs", "1",
+            "--set", "grad_probe_at=()", "--set", "max_steps=2", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    result = out / "runs" / "none" / "seed100" / "result.json"
+    first = result.read_text()
+    stamp = result.stat().st_mtime_ns
+    code, stdout, _ = run_cli([*args, "--resume"], capsys)
+    assert code == 0 and "resume: 1 of 1 run(s) already finished" in stdout
+    assert result.stat().st_mtime_ns == stamp and result.read_text() == first  # not trained again
+    assert "1 run(s) reused" in (out / "report.md").read_text()
+    code, stdout, _ = run_cli([*args, "--resume", "--set", "lr=1e-4"], capsys)  # other settings: retrained
+    assert code == 0 and "resume: 0 of 1 run(s)" in stdout
+    assert json.loads((out / "runs" / "none" / "seed100" / "config.json").read_text())["lr"] == 1e-4
+    assert result.stat().st_mtime_ns != stamp
+
+
 def test_train_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(["train", "--preset", "tiny", "--method", "laser:rank=4", "--set", "max_steps=4",

@@ -120,6 +120,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method specs separated by commas (an option list after ':' may use commas too), "
                              "default: %(default)s")
     parser.add_argument("--seeds", type=int, default=2, help="how many of the seeds 100-104 (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs in --out that finished with the same settings (after an interruption)")
     parser.add_argument("--jobs", type=int, default=0,
                         help="runs trained at once (default: one per CPU core, one on a GPU)")
     parser.add_argument("--threads", type=int, default=0,
@@ -161,7 +163,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be >= 1, --jobs and --threads >= 0; got {args.seeds}, {args.jobs} and "
                          f"{args.threads}")
     out = args.out or f"runs/{args.preset}-compare"
-    compare(cfg, specs, seeds=args.seeds, out_dir=out, jobs=args.jobs, threads=args.threads, preset=args.preset)
+    compare(cfg, specs, seeds=args.seeds, out_dir=out, jobs=args.jobs, threads=args.threads, preset=args.preset,
+            resume=args.resume)
     return 0
 
 

@@ -66,12 +66,22 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
 
 
+def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
+    """The result a finished run of exactly ``cfg`` left in ``run_dir``, or None (missing, or other settings)."""
+    config_path, result_path = run_dir / "config.json", run_dir / "result.json"
+    if not (config_path.is_file() and result_path.is_file()):
+        return None
+    if json.loads(config_path.read_text()) != json.loads(json.dumps(config_to_dict(cfg))):
+        return None
+    return json.loads(result_path.read_text())
+
+
 def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0) -> dict:
     """Train ``cfg`` in a fresh Python process writing into ``run_dir``; returns its result dict."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path, result_path, log_path = run_dir / "config.json", run_dir / "result.json", run_dir / "worker.log"
+    result_path.unlink(missing_ok=True)  # before the config: a crash in between never pairs new settings with it
     write_json(config_path, config_to_dict(cfg))
-    result_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "laser.train.worker", str(config_path), str(result_path), str(threads)]
     with open(log_path, "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
@@ -107,6 +117,7 @@ def compare(
     threads: int = 0,
     preset: str = "",
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict:
     """Train every method for every seed from ``cfg`` and write results.json, report.md and plots.
 
@@ -120,6 +131,8 @@ def compare(
         threads: torch threads per run (0: the CPU cores divided among the jobs).
         preset: the preset's name, for the report.
         log: where progress lines go.
+        resume: reuse every run in ``out_dir`` that finished with exactly the planned settings (an
+            interrupted comparison continues where it stopped); the others are trained again.
 
     Returns the results dict written to results.json: ``{method label: entry}``.
     """
@@ -157,8 +170,15 @@ def compare(
 
     start = time.perf_counter()
     runs: dict[tuple[str, int], dict] = {}
+    if resume:
+        for key, c in configs.items():
+            if (done := finished_result(c, Path(c.out_dir))) is not None:
+                runs[key] = done
+        log(f"resume: {len(runs)} of {len(configs)} run(s) already finished with these settings, reused")
+    resolved["reused_runs"] = len(runs)
+    todo = {key: c for key, c in configs.items() if key not in runs}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_worker, c, Path(c.out_dir), threads): key for key, c in configs.items()}
+        futures = {pool.submit(run_worker, c, Path(c.out_dir), threads): key for key, c in todo.items()}
         for future in concurrent.futures.as_completed(futures):
             label, seed = futures[future]
             runs[(label, seed)] = r = future.result()
@@ -359,7 +379,8 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "",
         f"Wall time: {wall:.0f} s ({wall / 60:.1f} min), {resolved['jobs']} job(s) x {resolved['threads']} "
         f"thread(s), device {first['device']}, precision {first['precision']}, {first['steps']} optimizer steps "
-        "per run.",
+        "per run" + (f"; {resolved['reused_runs']} run(s) reused from an interrupted invocation (`--resume`), "
+                     "not counted in the wall time." if resolved.get("reused_runs") else "."),
         "",
         f"Trivial solve rate (a model that copies its input grid): {100 * first['trivial_solve_rate']:.1f}% of "
         "validation mazes.",
