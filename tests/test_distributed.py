@@ -43,6 +43,9 @@ FAST = settings(max_examples=25, deadline=None)
 # differ by float summation order only.
 LASER = ["method=laser", "method.rank=4", "method.min_numel=256", "method.threshold=0.1", "method.reset_rows=4096"]
 STOP = 3  # mid-batch (n_sup=2): the resumed run needs the saved carry
+# PATH cells weigh 3: each rank's slice holds a different share of them, so a per-rank weighted mean would
+# not average to the global one (the trainer normalises by the global weight instead).
+NONE = ["model.path_weight=3.0"]
 
 
 def config(out, *overrides):
@@ -109,7 +112,7 @@ def _ranks(rank: int, store: str, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        for name, overrides in {"none": [], "laser": LASER, "laser-nosync": [*LASER, "method.sync=false"]}.items():
+        for name, overrides in {"none": NONE, "laser": LASER, "laser-nosync": [*LASER, "method.sync=false"]}.items():
             trainer = Trainer(config(os.path.join(root, name), *overrides))
             torch.save(snapshot(trainer, trainer.train()), os.path.join(root, f"{name}-rank{rank}.pt"))
         # A one-process checkpoint at step STOP, finished by two processes.
@@ -144,7 +147,7 @@ def ranks(root, name: str) -> list[dict]:
 def single(runs):
     """One-process runs of ``none`` and ``laser`` over the same global batches as the ranks."""
     out = {}
-    for name, overrides in {"none": [], "laser": LASER}.items():
+    for name, overrides in {"none": NONE, "laser": LASER}.items():
         trainer = Trainer(config(runs / f"{name}-single", *overrides))
         out[name] = snapshot(trainer, trainer.train())
     return out

@@ -278,6 +278,9 @@ def test_loss_weights_path_cells():
     # With weight 1 it is the plain token mean.
     plain = TRM(tiny()).loss(logits, targets).item()
     assert plain == pytest.approx(sum(per_cell) / 3, rel=1e-6)
+    # A data-parallel rank divides by the global weight share instead of its own slice's weight.
+    shared = model.loss(logits, targets, normalizer=10.0).item()
+    assert shared == pytest.approx((1 * per_cell[0] + 3 * per_cell[1] + 3 * per_cell[2]) / 10.0, rel=1e-6)
 
 
 def test_log_stablemax_by_hand():

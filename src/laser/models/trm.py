@@ -161,19 +161,28 @@ def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
     return torch.log(s / s.sum(dim=dim, keepdim=True))
 
 
-def token_loss(logits: Tensor, targets: Tensor, path_weight: float = 1.0, stablemax: bool = False) -> Tensor:
+def token_weights(targets: Tensor, path_weight: float = 1.0) -> Tensor:
+    """Loss weight of every cell: `path_weight` where the target is PATH, else 1. (B, L) fp32."""
+    return torch.where(targets == PATH_TOKEN, path_weight, 1.0).float()
+
+
+def token_loss(logits: Tensor, targets: Tensor, path_weight: float = 1.0, stablemax: bool = False,
+               normalizer: Tensor | float | None = None) -> Tensor:
     """Weighted mean cross-entropy over all tokens: cells whose target is PATH weigh `path_weight`,
     others 1, and the weights are normalised so the loss is a weighted mean.
 
-    logits: (B, L, V), targets: (B, L) int. Returns an fp32 scalar.
+    logits: (B, L, V), targets: (B, L) int. Returns an fp32 scalar. `normalizer` replaces the sum of this
+    batch's weights: a data-parallel rank passes the global sum divided by the number of ranks, so the mean
+    of the ranks' losses (and gradients) is the weighted mean over the global batch.
     """
     if stablemax:
         logprobs = log_stablemax(logits)  # (B, L, V) float64
         ce = -logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, L)
     else:
         ce = F.cross_entropy(logits.float().transpose(1, 2), targets.long(), reduction="none")  # (B, L)
-    weights = torch.where(targets == PATH_TOKEN, path_weight, 1.0).to(ce.dtype)  # (B, L)
-    return ((weights * ce).sum() / weights.sum()).float()
+    weights = token_weights(targets, path_weight).to(ce.dtype)  # (B, L)
+    total = weights.sum() if normalizer is None else normalizer
+    return ((weights * ce).sum() / total).float()
 
 
 @dataclass
@@ -315,12 +324,13 @@ class TRM(nn.Module):
         _, logits, _ = self.forward_carry(inputs, carry)
         return logits
 
-    def loss(self, logits: Tensor, targets: Tensor, halt_logits: Tensor | None = None) -> Tensor:
+    def loss(self, logits: Tensor, targets: Tensor, halt_logits: Tensor | None = None,
+             normalizer: Tensor | float | None = None) -> Tensor:
         """Training loss of one supervision step, an fp32 scalar.
 
         Token cross-entropy (stablemax if cfg.stablemax) as a weighted mean with PATH cells weighing
-        cfg.path_weight; with cfg.act, plus 0.5 * BCE of `halt_logits` against "every cell of the
-        sequence is predicted right".
+        cfg.path_weight (`normalizer`: see `token_loss`); with cfg.act, plus 0.5 * BCE of `halt_logits`
+        against "every cell of the sequence is predicted right".
         """
         if logits.shape[:-1] != targets.shape:
             raise ValueError(
@@ -328,7 +338,7 @@ class TRM(nn.Module):
             )
         if self.cfg.act != (halt_logits is not None):
             raise ValueError("TRM.loss: pass halt_logits exactly when TRMConfig.act is True")
-        loss = token_loss(logits, targets, self.cfg.path_weight, self.cfg.stablemax)
+        loss = token_loss(logits, targets, self.cfg.path_weight, self.cfg.stablemax, normalizer)
         if halt_logits is not None:
             solved = (logits.detach().argmax(-1) == targets).all(-1).to(halt_logits.dtype)  # (B,)
             loss = loss + HALT_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(halt_logits, solved)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import laser.methods
 from laser.data import maze
 from laser.hooks import ActivationMethod
-from laser.models.trm import TRM, TRMCarry
+from laser.models.trm import TRM, TRMCarry, token_weights
 from laser.train.config import BOOKKEEPING_KEYS, TrainConfig, config_to_dict
 from laser.train.distributed import Parallel
 
@@ -383,6 +383,17 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # --------------------------------------------------------------------------------------- training
+    def _loss_normalizer(self, targets: torch.Tensor) -> float | None:
+        """The global batch's mean per-rank loss weight when ranks' slices weigh differently, else None.
+
+        With PATH cells weighted, each rank's own weighted mean would divide by its slice's weight: the
+        average over ranks would then not be the global weighted mean that one process computes.
+        """
+        if self.parallel.world == 1 or self.cfg.model.path_weight == 1.0:
+            return None
+        local = float(token_weights(targets, self.cfg.model.path_weight).sum())
+        return self.parallel.reduce({"weight": local}, mean=("weight",))["weight"]
+
     def train_step(self) -> dict:
         """One optimizer step (one deep-supervision step of the current batch); returns its metrics."""
         inputs, targets, epoch, sup = self.stream.next()  # the global batch
@@ -390,9 +401,10 @@ class Trainer:
         if sup == 0:
             self.carry = None
         start, cpu_start = time.perf_counter(), time.process_time()
+        normalizer = self._loss_normalizer(targets)
         with self.method, self._autocast():
             self.carry, logits, halt_logits = self.forward_step(inputs, self.carry)
-            loss = self.model.loss(logits, targets, halt_logits)
+            loss = self.model.loss(logits, targets, halt_logits, normalizer)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
