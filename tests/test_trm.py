@@ -226,6 +226,28 @@ def test_checkpointing_matches_and_saves_less():
     assert saved_ckpt < saved_plain / 4
 
 
+def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
+    # The per-step inputs activation checkpointing keeps are saved at the model's own level; a training
+    # loop calling forward_carry must see them as the model's ("TRM:D"), which a compressor codes, not as
+    # tensors saved outside it (kept raw by model_only).
+    import laser
+
+    torch.manual_seed(0)
+    cfg = tiny(checkpoint=True)
+    model = TRM(cfg)
+    comp = laser.Compressor(model, laser.LaserConfig(rank=8, min_numel=0, policy="paper"))
+    for _ in range(2):
+        with comp:
+            _, logits, _ = model.forward_carry(tokens(4, 121))
+            loss = model.loss(logits, tokens(4, 121, seed=1))
+        loss.backward()
+        comp.step()
+    names = {s.name: s for s in comp.report().sites}
+    root = names[f"TRM:{cfg.hidden}"]
+    assert root.tensors >= cfg.L_cycles and root.stored_bytes < root.raw_bytes
+    assert f"<outside>:{cfg.hidden}" not in names
+
+
 def test_forward_carry_detaches_and_steps_train_separately():
     torch.manual_seed(0)
     model = TRM(tiny(n_sup=2))

@@ -290,8 +290,14 @@ class TRM(nn.Module):
         """One supervision step: H_cycles recursion cycles from `carry` (None: a fresh start).
 
         Returns the detached new carry, fp32 logits (B, L, vocab), and fp32 halt logits (B,) when
-        cfg.act (else None).
+        cfg.act (else None). It runs through `__call__` (`self(inputs, carry, step=True)`), so module
+        hooks see the call: what is saved at the model's own level (the per-step inputs kept by activation
+        checkpointing) then belongs to the model, not to code outside it.
         """
+        return self(inputs, carry, step=True)
+
+    def _supervision_step(self, inputs: Tensor, carry: TRMCarry | None) -> tuple[TRMCarry, Tensor, Tensor | None]:
+        """The body of `forward_carry`."""
         if inputs.ndim != 2 or inputs.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"TRM inputs must be int64 token ids of shape (B, L), got {inputs.dtype} {tuple(inputs.shape)}"
@@ -314,14 +320,17 @@ class TRM(nn.Module):
         halt_logits = self.halt_head(y.mean(dim=1)).float().squeeze(-1) if self.cfg.act else None  # (B,)
         return TRMCarry(y=y.detach(), z=z.detach()), logits, halt_logits
 
-    def forward(self, inputs: Tensor) -> Tensor:
+    def forward(
+        self, inputs: Tensor, carry: TRMCarry | None = None, *, step: bool = False
+    ) -> Tensor | tuple[TRMCarry, Tensor, Tensor | None]:
         """(B, L) int64 tokens -> (B, L, vocab) fp32 logits after all n_sup supervision steps, the first
-        n_sup - 1 without grad."""
-        carry = None
+        n_sup - 1 without grad. With `step=True`, one supervision step from `carry` (see `forward_carry`)."""
+        if step:
+            return self._supervision_step(inputs, carry)
         with torch.no_grad():
             for _ in range(self.cfg.n_sup - 1):
-                carry, _, _ = self.forward_carry(inputs, carry)
-        _, logits, _ = self.forward_carry(inputs, carry)
+                carry, _, _ = self._supervision_step(inputs, carry)
+        _, logits, _ = self._supervision_step(inputs, carry)
         return logits
 
     def loss(self, logits: Tensor, targets: Tensor, halt_logits: Tensor | None = None,
