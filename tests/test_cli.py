@@ -1,6 +1,7 @@
 """Tests for the `laser` command: train and compare on the tiny preset, and every documented usage error."""
 
 import json
+import os
 
 import pytest
 
@@ -65,6 +66,8 @@ def test_compare_resume_reuses_only_runs_finished_with_the_same_settings(tmp_pat
     assert code == 0 and "resume: 1 of 1 run(s) already finished" in stdout
     assert result.stat().st_mtime_ns == stamp and result.read_text() == first  # not trained again
     assert "1 run(s) reused" in (out / "report.md").read_text()
+    relative = [a if a != str(out) else os.path.relpath(out) for a in args]  # the same folder by another path
+    assert "resume: 1 of 1 run(s) already finished" in run_cli([*relative, "--resume"], capsys)[1]
     code, stdout, _ = run_cli([*args, "--resume", "--set", "lr=1e-4"], capsys)  # other settings: retrained
     assert code == 0 and "resume: 0 of 1 run(s)" in stdout
     assert json.loads((out / "runs" / "none" / "seed100" / "config.json").read_text())["lr"] == 1e-4

@@ -67,13 +67,18 @@ def _slug(label: str) -> str:
 
 
 def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
-    """The result a finished run of exactly ``cfg`` left in ``run_dir``, or None (missing, or other settings)."""
+    """The result a finished run of ``cfg`` left in ``run_dir``, or None (missing, or other settings).
+
+    Settings that do not change what is trained (where files go, the progress bar) are not compared: the
+    same folder reached by a relative or an absolute path holds the same run.
+    """
     config_path, result_path = run_dir / "config.json", run_dir / "result.json"
     if not (config_path.is_file() and result_path.is_file()):
         return None
-    if json.loads(config_path.read_text()) != json.loads(json.dumps(config_to_dict(cfg))):
-        return None
-    return json.loads(result_path.read_text())
+    ignored = ("out_dir", "progress")
+    saved = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ignored}
+    planned = {k: v for k, v in json.loads(json.dumps(config_to_dict(cfg))).items() if k not in ignored}
+    return json.loads(result_path.read_text()) if saved == planned else None
 
 
 def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0) -> dict:
