@@ -152,6 +152,48 @@ def size(value: float | None) -> str:
     return "-" if value is None else format_bytes(value)
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def grid_parser(description: str, methods: Sequence[str], default_methods: Sequence[str],
+                methods_help: str) -> argparse.ArgumentParser:
+    """A parser with the workload grid and timing arguments of the grid scripts (``step.py``, ``floor.py``).
+
+    Widths, depths, ranks, methods (from ``methods``), batch, maze side, warm-up and timed rounds, device,
+    autocast and threads; a script adds its own arguments and parses with :func:`parse_grid`.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
+    parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
+    parser.add_argument("--methods", nargs="+", default=list(default_methods), choices=list(methods),
+                        metavar="METHOD", help=f"{methods_help}, from: {', '.join(methods)}")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    return parser
+
+
+def parse_grid(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; fail naming ``--warmup`` when it would time a site's first (raw) step."""
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
+    return args
+
+
+def grid_workloads(args: argparse.Namespace) -> list[Workload]:
+    """Check the device, set the threads, and list the workloads of the grid: every width x depth."""
+    check_device(args.device)
+    set_threads(args.threads)
+    return [Workload(dim, depth, args.batch, args.maze, args.device, args.amp)
+            for dim in args.dims for depth in args.depths]
+
+
 # ----------------------------------------------------------------------------- methods
 
 

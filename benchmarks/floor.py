@@ -32,13 +32,14 @@ from common import (
     MethodSpec,
     TrainingRun,
     Workload,
-    check_device,
     environment,
+    grid_parser,
+    grid_workloads,
     interleaved_medians,
     markdown_table,
     method_specs,
+    parse_grid,
     ranks_reached,
-    set_threads,
     size,
     synchronizer,
 )
@@ -201,36 +202,17 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings (see ``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
-    parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
-    parser.add_argument("--methods", nargs="+", default=LASER_VARIANTS[:4], choices=LASER_VARIANTS,
-                        metavar="METHOD", help=f"LASER variants, from: {', '.join(LASER_VARIANTS)}")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    parser = grid_parser(__doc__, LASER_VARIANTS, LASER_VARIANTS[:4], "LASER variants")
     parser.add_argument("--sites", action="store_true", help="also print the per-site floor tables")
-    args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
-    return args
+    return parse_grid(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print one table per width and depth."""
     args = parse_args(argv)
-    check_device(args.device)
-    set_threads(args.threads)
     specs = method_specs(args.methods, args.ranks)
-    for dim in args.dims:
-        for depth in args.depths:
-            workload = Workload(dim, depth, args.batch, args.maze, args.device, args.amp)
-            print(tables(workload, specs, args), flush=True)
+    for workload in grid_workloads(args):
+        print(tables(workload, specs, args), flush=True)
 
 
 if __name__ == "__main__":

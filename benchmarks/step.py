@@ -36,16 +36,17 @@ from common import (
     MethodSpec,
     TrainingRun,
     Workload,
-    check_device,
     environment,
+    grid_parser,
+    grid_workloads,
     interleaved_medians,
     markdown_table,
     method_specs,
+    parse_grid,
     probe_memory,
     probe_memory_fresh,
     ranks_reached,
     ratio,
-    set_threads,
     size,
     synchronizer,
 )
@@ -107,26 +108,12 @@ def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: in
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings (see ``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
-    parser.add_argument("--depths", type=int, nargs="+", default=[8], help="recursion depths n (L_cycles)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(VARIANTS), metavar="METHOD",
-                        help=f"methods to compare, from: {', '.join(VARIANTS)} (none is always included)")
+    parser = grid_parser(__doc__, list(VARIANTS), DEFAULT_METHODS, "methods to compare (none is always included)")
     parser.add_argument("--full", action="store_true", help="the whole grid D x n x rank (meant for a GPU)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
     parser.add_argument("--budget", type=float, default=None, help="stop timing a shape after this many seconds")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
     parser.add_argument("--memory", choices=["fresh", "inprocess", "off"], default=None,
                         help="memory probe: fresh process (CPU default), in this process (GPU default), or off")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
-    args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
+    args = parse_grid(parser, argv)
     if args.full:
         args.dims, args.depths, args.ranks = FULL_GRID["dims"], FULL_GRID["depths"], FULL_GRID["ranks"]
     if args.memory is None:
@@ -137,14 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Print one table per width and depth."""
     args = parse_args(argv)
-    check_device(args.device)
-    set_threads(args.threads)
     specs = method_specs(args.methods, args.ranks)
-    for dim in args.dims:
-        for depth in args.depths:
-            workload = Workload(dim, depth, args.batch, args.maze, args.device, args.amp)
-            results, rounds = measure(workload, specs, args)
-            print(table(workload, specs, results, rounds, args), flush=True)
+    for workload in grid_workloads(args):
+        results, rounds = measure(workload, specs, args)
+        print(table(workload, specs, results, rounds, args), flush=True)
 
 
 if __name__ == "__main__":

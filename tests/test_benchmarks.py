@@ -211,3 +211,23 @@ def test_gpu_script_dry_run_on_cpu():
     assert [r[0] for r in rows] == ["none", "laser r16", "laser-int8 r16", "laser-s8 r16", "laser-s8-int8 r16",
                                     "checkpoint"]
     assert "bf16 autocast" in proc.stdout
+
+
+def test_grad_probe_compares_methods_with_the_exact_gradient(tmp_path):
+    import dataclasses
+
+    from laser.train import Trainer, train_preset
+
+    grad_probe = load("grad_probe")
+    run = tmp_path / "run"
+    Trainer(dataclasses.replace(train_preset("tiny"), max_steps=2, eval_every=0, grad_probe_at=(),
+                                out_dir=str(run))).train()
+    # tiny: 32 validation mazes, 8 batches of 4
+    rows = grad_probe.probe(str(run), ["none", "laser:rank=4,min_numel=16,quantize=int8"], batch=4, batches=2,
+                            warmup=1, show=["no-such-site"])
+    assert [r[0] for r in rows] == ["none", "none", "laser:rank=4,min_numel=16,quantize=int8"]
+    assert rows[0][1:3] == ["1.0000", "0.0000"] and rows[0][4] == "1.000"  # none is exact, the reference
+    assert -1.0 <= float(rows[2][1]) < 1.0 and float(rows[2][4]) < 1.0  # lossy, and smaller
+    assert rows[2][5] == "-"  # a site the run does not have
+    with pytest.raises(ValueError, match="--warmup 4 \\+ --batches 5 need 9 validation batches of 4"):
+        grad_probe.probe(str(run), ["none"], batch=4, batches=5, warmup=4, show=[])

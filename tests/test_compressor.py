@@ -663,3 +663,15 @@ def test_strided_accumulation_uses_every_strided_row_exactly():
     start = int(torch.randint(3, (), generator=offsets))
     rows = x[start::3]
     assert torch.allclose(state.accumulator, rows.T @ (rows @ basis), atol=1e-5)
+
+
+def test_strided_accumulation_keeps_every_row_of_a_tensor_no_longer_than_the_stride():
+    torch.manual_seed(0)
+    model = LowRankChain(16)
+    comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0, accumulate_stride=8))
+    x = torch.randn(8, 16)  # 8 rows: a stride of 8 would keep one
+    warm_up(comp, x)
+    with comp:
+        loss_of(model, x)
+    basis = comp.sites["first:16"].basis
+    assert torch.allclose(comp.sites["first:16"].accumulator, x.T @ (x @ basis), atol=1e-5)

@@ -406,6 +406,7 @@ def test_pareto_front_and_axis_winners():
     assert compare_mod.keeps_accuracy(results["good"], results["none"])
     assert not compare_mod.keeps_accuracy(results["small"], results["none"])
     assert compare_mod.keeps_accuracy(_entry(1.0, 1.0, [0.7], None, 1.0), results["none"])  # higher mean
+    assert not compare_mod.keeps_accuracy(_entry(1.0, 1.0, [0.2], None, 1.0), results["none"])  # no test: mean
     lines = "\n".join(compare_mod.axis_winners(results, "none"))
     assert "least activation memory: **small** (0.100" in lines
     assert "not significantly below the baseline's (Welch p >= 0.05 or a higher mean): **good** (0.300" in lines

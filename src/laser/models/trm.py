@@ -99,7 +99,7 @@ class TRMConfig:
                 "change hidden or heads, or set rope=False"
             )
         if self.rope_2d:
-            side = math.isqrt(self.seq_len)
+            side = self.grid
             if not self.rope or side * side != self.seq_len or self.head_dim % 4:
                 raise ValueError(
                     f"TRMConfig.rope_2d needs rope=True, a square seq_len and a head dim divisible by 4; got "
@@ -114,6 +114,11 @@ class TRMConfig:
             raise ValueError(
                 f"TRMConfig.forward_dtype must be one of {sorted(_DTYPES)}, got {self.forward_dtype!r}"
             )
+
+    @property
+    def grid(self) -> int | None:
+        """Side of the square grid 2D RoPE positions index (rope_2d), else None."""
+        return math.isqrt(self.seq_len) if self.rope_2d else None
 
     @property
     def head_dim(self) -> int:
@@ -234,8 +239,7 @@ class TRM(nn.Module):
         D = cfg.hidden
         self.embed = ScaledEmbedding(cfg.vocab, D, dtype=self.dtype)
         if cfg.rope:
-            grid = math.isqrt(cfg.seq_len) if cfg.rope_2d else None
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta, grid=grid)
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta, grid=cfg.grid)
         else:
             self.pos = nn.Parameter(trunc_normal_(torch.empty(cfg.seq_len, D), std=1.0 / math.sqrt(D)))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.L_layers))

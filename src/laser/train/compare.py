@@ -23,7 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from laser.report import format_bytes
-from laser.train.config import MethodSpec, TrainConfig, config_to_dict, parse_method_spec, with_method
+from laser.train.config import (
+    MethodSpec,
+    TrainConfig,
+    config_to_dict,
+    parse_method_spec,
+    result_relevant,
+    with_method,
+)
 from laser.train.trainer import write_json
 
 PAPER_SEEDS = (100, 101, 102, 103, 104)
@@ -69,15 +76,14 @@ def _slug(label: str) -> str:
 def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
     """The result a finished run of ``cfg`` left in ``run_dir``, or None (missing, or other settings).
 
-    Settings that do not change what is trained (where files go, the progress bar) are not compared: the
-    same folder reached by a relative or an absolute path holds the same run.
+    Bookkeeping settings (where files go, the progress bar, ...: those a trainer may resume with other
+    values) are not compared: the same folder reached by a relative or an absolute path holds the same run.
     """
     config_path, result_path = run_dir / "config.json", run_dir / "result.json"
     if not (config_path.is_file() and result_path.is_file()):
         return None
-    ignored = ("out_dir", "progress")
-    saved = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ignored}
-    planned = {k: v for k, v in json.loads(json.dumps(config_to_dict(cfg))).items() if k not in ignored}
+    saved = result_relevant(json.loads(config_path.read_text()))
+    planned = result_relevant(json.loads(json.dumps(config_to_dict(cfg))))  # tuples as JSON lists, like saved
     return json.loads(result_path.read_text()) if saved == planned else None
 
 
@@ -311,19 +317,14 @@ def keeps_accuracy(entry: dict, baseline: dict, alpha: float = 0.05) -> bool:
 def pareto_front(results: dict) -> list[str]:
     """Methods no other method beats on every axis at once: less activation memory, less step time and a
     higher mean solve rate (ties count as not worse; a method equal on all three is not dominated)."""
-    def axes(e: dict) -> tuple[float, float, float]:
-        return e["activation_bytes"]["mean"], e["step_time_ratio"]["mean"], -e["solve_rate"]["mean"]
+    axes = {label: (e["activation_bytes"]["mean"], e["step_time_ratio"]["mean"], -e["solve_rate"]["mean"])
+            for label, e in results.items()}
 
-    front = []
-    for label, e in results.items():
-        mine = axes(e)
-        dominated = any(
-            all(o <= m for o, m in zip(axes(other), mine, strict=True)) and axes(other) != mine
-            for other_label, other in results.items() if other_label != label
-        )
-        if not dominated:
-            front.append(label)
-    return front
+    def dominates(a: tuple, b: tuple) -> bool:
+        return a != b and all(x <= y for x, y in zip(a, b, strict=True))
+
+    return [label for label, mine in axes.items()
+            if not any(dominates(other, mine) for other_label, other in axes.items() if other_label != label)]
 
 
 def axis_winners(results: dict, baseline: str) -> list[str]:
@@ -340,8 +341,9 @@ def axis_winners(results: dict, baseline: str) -> list[str]:
     def memory(e: dict) -> float:
         return e["activation_bytes"]["mean"]
 
-    lines = [f"- least activation memory: **{best(others, memory)}** "
-             f"({others[best(others, memory)]['activation_ratio']['mean']:.3f} of the baseline)"]
+    label = best(others, memory)
+    ratio = others[label]["activation_ratio"]["mean"]
+    lines = [f"- least activation memory: **{label}** ({ratio:.3f} of the baseline)"]
     if keeping:
         label = best(keeping, memory)
         e = keeping[label]

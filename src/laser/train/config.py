@@ -27,10 +27,15 @@ from laser.train.distributed import PARALLEL_MODES
 PRECISIONS = ("fp32", "bf16")
 # Model settings that follow from the data and cannot be set on their own.
 DERIVED_MODEL_KEYS = ("seq_len", "vocab")
-# Settings that change bookkeeping only, never the trained weights: a run may resume with other values.
 # Settings set through their own dotted keys (model.*, data.*, method, method.*), not as a whole.
 NESTED_KEYS = ("model", "data", "method_options", "method_defaults")
+# Settings that change bookkeeping only, never the trained weights: a run may resume with other values.
 BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "device", "out_dir", "progress", "parallel")
+
+
+def result_relevant(config: dict) -> dict:
+    """A config dict (``config_to_dict``) without its bookkeeping settings: what decides the trained weights."""
+    return {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -225,8 +230,9 @@ def _quick() -> TrainConfig:
     What got it off the plateau within a few hundred steps (each compared on two seeds against the naive
     1-layer, 1D-RoPE-10000, lr 1e-3, unweighted setting that stays on the plateau): loss weight 2.5 on PATH
     cells (balances "copy the input" against "mark every passage"), RoPE with theta=100 (sharper relative
-    positions on a 49-cell grid), 4 heads, lr 2e-3 after 100 warmup steps, and one grad cycle of 6 latent
-    updates (within this budget, depth with grad beats deep supervision, so n_sup=1).
+    positions on a 49-cell grid) over (row, column) (2D RoPE: every seed tried leaves the plateau, 1D left
+    it 100-300 steps later and not on every seed), 4 heads, lr 2e-3 after 100 warmup steps, and one grad
+    cycle of 6 latent updates (within this budget, depth with grad beats deep supervision, so n_sup=1).
     """
     return TrainConfig(
         model=dataclasses.replace(trm.preset("quick"), hidden=64, heads=4, L_layers=1, H_cycles=1, L_cycles=6,

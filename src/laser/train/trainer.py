@@ -39,7 +39,7 @@ import laser.methods
 from laser.data import maze
 from laser.hooks import ActivationMethod
 from laser.models.trm import TRM, TRMCarry, token_weights
-from laser.train.config import BOOKKEEPING_KEYS, TrainConfig, config_to_dict
+from laser.train.config import TrainConfig, config_to_dict, result_relevant
 from laser.train.distributed import Parallel
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -239,10 +239,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _result_relevant(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Trains a TRM on mazes with one activation-memory method, evaluating and checkpointing on the way.
@@ -341,7 +337,7 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint saved with the same result-relevant settings."""
         state = load_checkpoint(path)
-        saved, mine = _result_relevant(state["config"]), _result_relevant(config_to_dict(self.cfg))
+        saved, mine = result_relevant(state["config"]), result_relevant(config_to_dict(self.cfg))
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if differ:
             raise CheckpointError(f"checkpoint {path} was saved with other settings {differ}; resume with the "
