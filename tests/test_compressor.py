@@ -326,23 +326,30 @@ def test_nonfinite_activation_is_stored_raw_and_never_reaches_a_basis():
             assert torch.equal(state.basis, before[site])
 
 
+@pytest.mark.parametrize("matmul_dtype", ["auto", "float32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_half_precision_codes_keep_the_activation_dtype(dtype):
+def test_half_precision_codes_keep_the_activation_dtype(dtype, matmul_dtype):
     torch.manual_seed(0)
     n, d, r = 256, 64, 4
     model = LowRankChain(d).to(dtype)
-    comp = Compressor(model, laser.LaserConfig(rank=r, max_rank=r, min_numel=0, model_only=False))
+    comp = Compressor(model, laser.LaserConfig(rank=r, max_rank=r, min_numel=0, model_only=False,
+                                               matmul_dtype=matmul_dtype))
     x = low_rank_input(n, d, r).to(dtype)
     warm_up(comp, x)
     with comp:
         loss = loss_of(model, x)
-    record = next(e.record for e in comp._live.values() if e.record is not None) if comp._live else None
+        records = [e.record for e in comp._live.values() if e.record is not None]
     loss.backward()
     comp.step()
     elem = torch.finfo(dtype).bits // 8
+    # the records hold the basis their codes were made with: bf16 on the bf16 fast path, fp32 otherwise
+    basis_bytes = 2 if dtype == torch.bfloat16 and matmul_dtype == "auto" else 4
     assert comp.report().raw_bytes == 3 * n * d * elem
-    assert comp.report().stored_bytes == 3 * (n * r * elem + d * r * 4)
-    assert record is None or record.codes.dtype == dtype
+    assert comp.report().stored_bytes == 3 * (n * r * elem + d * r * basis_bytes)
+    assert len(records) == 3
+    for record in records:
+        assert record.codes.dtype == dtype
+        assert record.basis.dtype == (torch.bfloat16 if basis_bytes == 2 else torch.float32)
     expected = twin_grads(model, x)
     model.zero_grad()
     with comp:
@@ -489,6 +496,7 @@ def test_include_and_exclude_patterns_select_sites():
         ("accumulate_stride", 0, "accumulate_stride"),
         ("fold_to", -1, "fold_to"),
         ("policy", "fast", "'paper' or 'guarded'"),
+        ("matmul_dtype", "bfloat16", "'auto'.*'float32'"),
         ("quantize", "int4", "quantize"),
         ("min_numel", -1, "min_numel"),
         ("include", 3, "glob patterns"),

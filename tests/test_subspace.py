@@ -132,6 +132,9 @@ def test_breaks_even_against_hand_computed_sizes():
     assert not subspace.breaks_even(1000, 256, 256, activation_bytes=2, code_bytes=2)
     # few rows: the basis dominates
     assert not subspace.breaks_even(4, 512, 128, activation_bytes=4, code_bytes=4)
+    # 6 bf16 rows of width 64 at rank 4: raw 768 bytes; codes 48 + an fp32 basis 1024 lose, + a bf16 basis 512 win
+    assert not subspace.breaks_even(6, 64, 4, activation_bytes=2, code_bytes=2)
+    assert subspace.breaks_even(6, 64, 4, activation_bytes=2, code_bytes=2, basis_bytes=2)
 
 
 def test_sample_rows_is_uniform_without_replacement_and_reproducible():

@@ -117,7 +117,15 @@ class LaserConfig(SiteFilter):
             the cost of that matmul, a third of LASER's extra FLOPs, by ``s``, while ``M`` stays an unbiased
             estimate of ``X^T X Q`` up to a scale the orthonormalisation removes.
         policy: ``"paper"`` follows Algorithm 1; ``"guarded"`` also stores raw any tensor whose own
-            fidelity is below ``threshold``, so no reconstruction is worse than the threshold.
+            fidelity is below ``threshold`` (or not finite), so no reconstruction is worse than the
+            threshold. Deciding that reads one number back per stored tensor: on an accelerator
+            ``"guarded"`` waits for the device once per tensor, ``"paper"`` never does during the forward
+            (a non-finite tensor is then stored as its codes and the step's statistics are dropped).
+        matmul_dtype: ``"auto"`` projects, accumulates and reconstructs bf16 activations with bf16 matmuls
+            (fp32 accumulation inside each matmul, fp32 fidelity sums, the tracked basis kept in fp32 and
+            cast once per step) and everything else in fp32; ``"float32"`` upcasts every activation to
+            fp32 first: the reference path, and the one fp16 activations always take (fp16 cannot hold the
+            sums ``X^T Z``).
         quantize: ``None`` keeps codes in the activation dtype; ``"int8"`` stores per-column int8 codes.
         reset_rows: rows kept (uniformly sampled) to compute the reset SVD when a reset may be due.
         seed: seed of the compressor's own generator (row sampling, random completions).
@@ -132,6 +140,7 @@ class LaserConfig(SiteFilter):
     power_iters: int = 1
     accumulate_stride: int = 1
     policy: str = "guarded"
+    matmul_dtype: str = "auto"
     quantize: str | None = None
     reset_rows: int = 1024
     seed: int = 0
@@ -148,6 +157,8 @@ class LaserConfig(SiteFilter):
         _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,
                  "must be >= 1 (1: every row)")
         _require(self.policy in ("paper", "guarded"), "policy", self.policy, "use 'paper' or 'guarded'")
+        _require(self.matmul_dtype in ("auto", "float32"), "matmul_dtype", self.matmul_dtype,
+                 "use 'auto' (bf16 matmuls for bf16 activations) or 'float32' (the reference path)")
         _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
         _require(self.reset_rows >= self.rank, "reset_rows", self.reset_rows, f"must be >= rank ({self.rank})")
 

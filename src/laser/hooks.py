@@ -18,6 +18,7 @@ keeps state, :meth:`~ActivationMethod.update`, :meth:`~ActivationMethod.site_row
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -282,7 +283,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             and self.config.admits(site, dim, numel)
         ):
             flat = tensor.detach().as_strided((numel // dim, dim), (dim, 1), 0)  # (N, D) over the storage
-            with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
+            with torch.no_grad(), autocast_off(flat.device):
                 record = self.encode(flat, site)
             if record is None:
                 account.fallbacks += 1
@@ -380,6 +381,13 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     if DTensor is not None and isinstance(tensor, DTensor):  # a sharded parameter (FSDP2): its shard's storage
         tensor = tensor.to_local()
     return tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr()
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context where ``device``'s autocast is off (a no-op on devices without autocast, e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # Autograd nodes of casts and views: a saved tensor reached from a parameter only through these is a copy

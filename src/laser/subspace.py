@@ -151,14 +151,15 @@ def fidelity(codes_sq: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
 
 
 def breaks_even(rows: int, dim: int, rank: int, activation_bytes: int, code_bytes: float,
-                basis_share: float = 1.0) -> bool:
-    """True when storing codes (rows x rank) and a share of the basis (dim x rank, fp32) beats the raw rows.
+                basis_share: float = 1.0, basis_bytes: int = 4) -> bool:
+    """True when storing codes (rows x rank) and a share of the basis (dim x rank) beats the raw rows.
 
-    ``code_bytes`` is the bytes per code element (2 for bf16, 1 for int8). One basis serves every tensor of
-    a site in a step, so each is charged ``basis_share`` of it (1.0, the whole basis, is the conservative
+    ``code_bytes`` is the bytes per code element (2 for bf16, 1 for int8), ``basis_bytes`` per basis element
+    (4 for an fp32 basis, 2 for the bf16 copy bf16 codes are made with). One basis serves every tensor of a
+    site in a step, so each is charged ``basis_share`` of it (1.0, the whole basis, is the conservative
     choice when the number of tensors is not known).
     """
-    return rows * rank * code_bytes + dim * rank * 4 * basis_share < rows * dim * activation_bytes
+    return rows * rank * code_bytes + dim * rank * basis_bytes * basis_share < rows * dim * activation_bytes
 
 
 def sample_rows(
@@ -177,10 +178,22 @@ def sample_rows(
     keys = torch.rand(x.shape[0], generator=generator)
     take = min(count, x.shape[0])
     top = torch.topk(keys, take).indices
-    rows, keys = x[top.to(x.device)].float(), keys[top]
+    rows, keys = x[to_device(top, x.device)].float(), keys[top]
     if kept is not None:
         rows, keys = torch.cat([kept, rows]), torch.cat([kept_keys, keys])
         if keys.numel() > count:
             top = torch.topk(keys, count).indices
-            rows, keys = rows[top.to(rows.device)], keys[top]
+            rows, keys = rows[to_device(top, rows.device)], keys[top]
     return rows, keys
+
+
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the device.
+
+    A plain copy from pageable host memory to a GPU synchronises the stream; from pinned memory with
+    ``non_blocking`` it is queued behind the kernels already launched (the caching host allocator keeps
+    the pinned block alive until the copy has run).
+    """
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ class SiteState:
         rank_used: rank of the basis the current step's codes were made with.
         tensors_last_step: admitted tensors the site saw in the last step; each is charged that share of
             the basis when deciding break-even (one basis serves them all).
+        nonfinite_steps: steps whose statistics were dropped because an activation was not finite.
+        casts: the basis cast to a matmul dtype for the current step (built once, shared by its records).
     """
 
     dim: int
@@ -41,7 +43,9 @@ class SiteState:
     fidelity: float = 1.0
     rank_used: int = 0
     tensors_last_step: int = 1
+    nonfinite_steps: int = 0
     tensors: int = 0
+    casts: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     accumulator: torch.Tensor | None = None
     codes_sq: torch.Tensor | None = None
     x_sq: torch.Tensor | None = None
@@ -51,12 +55,27 @@ class SiteState:
     def clear_step(self) -> None:
         """Forget the current step's statistics."""
         self.accumulator = self.codes_sq = self.x_sq = self.sample = self.sample_keys = None
+        self.casts = {}
         if self.tensors:
             self.tensors_last_step, self.tensors = self.tensors, 0
 
 
+    def basis_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The basis in ``dtype``: itself for fp32, else a copy made once per step."""
+        if dtype == self.basis.dtype:
+            return self.basis
+        if dtype not in self.casts:
+            self.casts[dtype] = self.basis.to(dtype)
+        return self.casts[dtype]
+
+
+def matmul_dtype(dtype: torch.dtype, setting: str) -> torch.dtype:
+    """The dtype LASER projects and reconstructs an activation of ``dtype`` in (``LaserConfig.matmul_dtype``)."""
+    return dtype if dtype == torch.bfloat16 and setting == "auto" else torch.float32
+
+
 PERSISTED = ("dim", "basis", "low_steps", "expansions", "resets", "frozen", "fidelity", "rank_used",
-             "tensors_last_step")
+             "tensors_last_step", "nonfinite_steps")
 
 
 class Compressor(ActivationMethod):
@@ -68,6 +87,10 @@ class Compressor(ActivationMethod):
     ``threshold``, otherwise expands the basis by ``growth`` orthogonalised sampled rows, and after
     ``patience`` low steps resets it to the top-``rank`` SVD of sampled rows (Algorithm 1). Sites whose
     codes would not beat break-even are stored raw and reported as fallbacks.
+
+    In steady state the forward never waits for the device under the ``"paper"`` policy: statistics stay on
+    the device until :meth:`step`, and bf16 activations are projected with bf16 matmuls against a bf16 copy
+    of the basis (``LaserConfig.matmul_dtype``).
 
     >>> comp = Compressor(model, LaserConfig(rank=128))    # doctest: +SKIP
     >>> for x, y in loader:
@@ -95,27 +118,26 @@ class Compressor(ActivationMethod):
         if state.frozen:
             return None
         state.tensors += 1
-        xf = x.float()  # (N, D); no copy for fp32 activations
-        x_sq = squared_norm(xf)
-        if not torch.isfinite(x_sq):
-            return None  # never feed NaN/Inf into a basis
         if state.basis is None:
-            return self._encode_first_step(state, xf, x, x_sq)
+            return self._encode_first_step(state, x)
         rank = state.basis.shape[1]
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return None
-        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 / state.tensors_last_step):
+        compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
+        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 / state.tensors_last_step, compute):
             return None
-        codes = xf @ state.basis  # (N, k) fp32
-        codes_sq = squared_norm(codes)
-        self._accumulate(state, xf, codes, x_sq, codes_sq)
-        if cfg.policy == "guarded" and subspace.fidelity(codes_sq, x_sq) < cfg.threshold:
+        basis = state.basis_in(compute)  # (D, k)
+        xc = x.to(basis.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
+        codes = xc @ basis  # (N, k)
+        x_sq, codes_sq = squared_norm(xc), squared_norm(codes)
+        self._accumulate(state, xc, codes, x_sq, codes_sq)
+        # A NaN fidelity fails the test too. The only read of a device value during the forward.
+        if cfg.policy == "guarded" and not bool(subspace.fidelity(codes_sq, x_sq) >= cfg.threshold):
             return None
-        return make_codes(codes, state.basis, x.dtype, cfg.quantize)
+        return make_codes(codes, basis, x.dtype, cfg.quantize)
 
-    def _encode_first_step(self, state: SiteState, xf: torch.Tensor, x: torch.Tensor,
-                           x_sq: torch.Tensor) -> Packed | None:
+    def _encode_first_step(self, state: SiteState, x: torch.Tensor) -> Packed | None:
         """A site's first step: each tensor gets codes against its own top-k basis, rows are sampled for Q_0.
 
         Storing the first step raw would make it the step of peak memory, as high as without compression;
@@ -123,6 +145,10 @@ class Compressor(ActivationMethod):
         ``Q_0`` is the top-k SVD of the rows sampled over the whole step (Algorithm 1, line 1).
         """
         cfg = self.config
+        xf = x.float()  # (N, D); no copy for fp32 activations
+        x_sq = squared_norm(xf)
+        if not torch.isfinite(x_sq):
+            return None  # never feed NaN/Inf into a basis
         state.sample, state.sample_keys = subspace.sample_rows(
             xf, cfg.reset_rows, self.generator, state.sample, state.sample_keys
         )
@@ -139,26 +165,30 @@ class Compressor(ActivationMethod):
             return None
         return make_codes(codes, basis, x.dtype, cfg.quantize)
 
-    def _accumulate(self, state: SiteState, xf: torch.Tensor, codes: torch.Tensor,
+    def _accumulate(self, state: SiteState, x: torch.Tensor, codes: torch.Tensor,
                     x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
+        """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32), the fidelity sums, the row sample."""
         cfg = self.config
         state.rank_used = codes.shape[1]
-        rows, row_codes = xf, codes
-        if cfg.accumulate_stride > 1 and len(xf) > cfg.accumulate_stride:
+        rows, row_codes = x, codes
+        if cfg.accumulate_stride > 1 and len(x) > cfg.accumulate_stride:
             # A random offset per tensor, so a row layout with a period dividing the stride (tokens of a
             # sequence) is still covered across the step's tensors.
             start = int(torch.randint(cfg.accumulate_stride, (), generator=self.generator))
-            rows, row_codes = xf[start :: cfg.accumulate_stride], codes[start :: cfg.accumulate_stride]
+            rows, row_codes = x[start :: cfg.accumulate_stride], codes[start :: cfg.accumulate_stride]
         if state.accumulator is None:
-            state.accumulator = rows.T @ row_codes  # (D, k)
+            state.accumulator = (rows.T @ row_codes).float()  # (D, k)
             state.x_sq, state.codes_sq = x_sq, codes_sq
         else:
-            state.accumulator.addmm_(rows.T, row_codes)
+            if rows.dtype == torch.float32:
+                state.accumulator.addmm_(rows.T, row_codes)
+            else:  # bf16 product (fp32 inside the matmul), summed across tensors in fp32
+                state.accumulator.add_(rows.T @ row_codes)
             state.x_sq, state.codes_sq = state.x_sq + x_sq, state.codes_sq + codes_sq
         reset_possible = state.low_steps >= cfg.patience - 1
         capacity = cfg.reset_rows if reset_possible or cfg.power_iters > 1 else cfg.growth
         state.sample, state.sample_keys = subspace.sample_rows(
-            xf, capacity, self.generator, state.sample, state.sample_keys
+            x, capacity, self.generator, state.sample, state.sample_keys
         )
 
     # ------------------------------------------------------------- between steps
@@ -178,6 +208,9 @@ class Compressor(ActivationMethod):
                 state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
             return
         if state.accumulator is None:
+            return
+        if not torch.isfinite(state.x_sq + state.codes_sq):
+            state.nonfinite_steps += 1  # NaN/Inf reached the statistics: keep the basis as it is
             return
         state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
         if state.fidelity >= cfg.threshold:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from laser.config import ProjectionConfig, SiteFilter
-from laser.hooks import ActivationMethod, Packed, SiteAccount, tensor_bytes
+from laser.hooks import ActivationMethod, Packed, SiteAccount, autocast_off, tensor_bytes
 from laser.quant import dequantize_columns_int8, quantize_columns_int8
 from laser.report import SiteReport
 from laser.subspace import breaks_even
@@ -23,7 +23,9 @@ class LowRankCodes(Packed):
     """A storage kept as codes ``Z`` (N, k) against a basis ``Q`` (D, k): ``X_hat = Z Q^T``.
 
     The record holds the very basis its codes were made with, so a basis update between forward and
-    backward never changes what backward sees (DESIGN hard part 4).
+    backward never changes what backward sees (DESIGN hard part 4). Reconstruction runs in the basis's
+    dtype: an fp32 basis rebuilds in fp32 and casts to ``dtype`` (the reference path), a bf16 basis
+    rebuilds bf16 activations with one bf16 matmul and no cast.
     """
 
     def __init__(self, codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
@@ -33,32 +35,41 @@ class LowRankCodes(Packed):
         self.codes, self.basis, self.dtype, self.scales = codes, basis, dtype, scales
 
     def decode(self) -> torch.Tensor:
-        with torch.autocast(self.codes.device.type, enabled=False):
+        compute = self.basis.dtype
+        with autocast_off(self.codes.device):
             if self.scales is None:
-                codes = self.codes.float()
+                codes = self.codes.to(compute)
             else:
-                codes = dequantize_columns_int8(self.codes, self.scales, torch.float32)
+                codes = dequantize_columns_int8(self.codes, self.scales, compute)
             return (codes @ self.basis.T).to(self.dtype).reshape(-1)  # (N*D,)
 
 
 def squared_norm(x: torch.Tensor) -> torch.Tensor:
-    """``||x||_F^2`` as a 0-d fp32 tensor without an elementwise temporary (a dot of the flat view)."""
+    """``||x||_F^2`` as a 0-d fp32 tensor without an elementwise temporary.
+
+    fp32: a dot of the flat view. Other dtypes: a norm reduced in fp32 (a dot would round the sum to the
+    input's precision, too coarse for a fidelity threshold near 1).
+    """
     flat = x.reshape(-1)
-    return torch.dot(flat, flat)
+    if flat.dtype == torch.float32:
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(flat, dtype=torch.float32).square()
 
 
 def make_codes(codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
                quantize: str | None) -> LowRankCodes:
-    """Store fp32 codes (N, k) in ``dtype`` (the activation's) or as per-column int8."""
+    """Store codes (N, k) in ``dtype`` (the activation's) or as per-column int8, against ``basis``."""
     if quantize == "int8":
         q, scales = quantize_columns_int8(codes)
         return LowRankCodes(q, basis, dtype, scales)
     return LowRankCodes(codes.to(dtype), basis, dtype)
 
 
-def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0) -> bool:
+def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0,
+         basis_dtype: torch.dtype = torch.float32) -> bool:
     """Whether codes of ``rank`` columns for ``x`` (N, D) plus ``basis_share`` of the basis cost less than ``x``."""
-    return breaks_even(x.shape[0], x.shape[1], rank, _element_bytes(dtype), _code_bytes(quantize, dtype), basis_share)
+    return breaks_even(x.shape[0], x.shape[1], rank, _element_bytes(dtype), _code_bytes(quantize, dtype), basis_share,
+                       basis_dtype.itemsize)
 
 
 def never_pays(dim: int, rank: int, quantize: str | None, dtype: torch.dtype) -> bool:
