@@ -227,6 +227,7 @@ VARIANTS: dict[str, tuple[str | None, dict, bool, bool]] = {
     "laser-guarded-int8": ("laser", {"policy": "guarded", "quantize": "int8"}, True, False),
     "laser-s8": ("laser", {"accumulate_stride": 8}, True, False),
     "laser-s8-int8": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, False),
+    "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, False),
     "quant8": ("quant", {"bits": 8}, False, False),
     "quant4": ("quant", {"bits": 4}, False, False),
     "checkpoint": ("none", {}, False, True),

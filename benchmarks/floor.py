@@ -1,8 +1,9 @@
 """How close LASER's stored bytes and its compression time are to their floors, on the looped TRM block.
 
 **Bytes.** At the ranks a run reached, codes and bases cannot take less than, per site,
-``sum_i N_i * k * c (+ k * 4 per tensor for int8 scales) + D * k * 4`` (``N_i`` rows of each saved storage,
-``c`` bytes per code: the activation's dtype, or 1 for int8; one fp32 basis per site), or the raw bytes
+``sum_i N_i * k * c (+ k * 4 per tensor for int8 scales) + D * k * b`` (``N_i`` rows of each saved storage,
+``c`` bytes per code: the activation's dtype, or 1 for int8; one basis per site, fp32 or the bf16 copy
+bf16 codes are made with: ``b`` bytes), or the raw bytes
 where that is not smaller; storages the method never admits (small, non-float, strided) stay raw. The
 floor is computed from the report's ranks and the storages each site saved (recorded by a method that
 only watches), next to the bytes the report measured; the gap is what fallbacks and narrow sites cost.
@@ -44,22 +45,27 @@ from common import (
     synchronizer,
 )
 from laser.hooks import Packed
+from laser.methods.laser import matmul_dtype
 from laser.models.trm import TRMConfig
 from laser.report import Report
 
 LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8",
-                  "laser-s8", "laser-s8-int8"]
-BASIS_BYTES = 4  # bases are fp32
+                  "laser-s8", "laser-s8-int8", "laser-ref"]
 SCALE_BYTES = 4  # one fp32 scale per int8 code column
 
 
 @dataclass
 class SiteShapes:
-    """The storages one site admitted during a step: rows of each, width and element size."""
+    """The storages one site admitted during a step: rows of each, width and dtype."""
 
     dim: int
-    element_size: int
+    dtype: torch.dtype
     rows: list[int] = field(default_factory=list)
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of these storages."""
+        return self.dtype.itemsize
 
     @property
     def raw_bytes(self) -> int:
@@ -81,22 +87,23 @@ class ShapeRecorder(laser.ActivationMethod):
         self.shapes: dict[str, SiteShapes] = {}
 
     def encode(self, x: torch.Tensor, site: str) -> Packed | None:
-        shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.element_size()))
+        shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.dtype))
         shapes.rows.append(x.shape[0])
         return None
 
 
-def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool) -> int:
+def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool,
+                basis_bytes: int = 4) -> int:
     """Least bytes a site's storages (``rows[i]`` x ``dim``) take as rank-``rank`` codes plus one basis.
 
     Codes cost ``element_size`` bytes each (1 with int8, plus one fp32 scale per column and tensor); the
-    basis is ``dim x rank`` fp32. Where that is not smaller than the raw storages, the raw bytes (int8 codes
-    pay even at ``rank == dim``, where they are a plain int8 quantization).
+    basis is ``dim x rank`` elements of ``basis_bytes``. Where that is not smaller than the raw storages,
+    the raw bytes (int8 codes pay even at ``rank == dim``, where they are a plain int8 quantization).
     """
     raw = sum(rows) * dim * element_size
     code_bytes = 1 if int8 else element_size
     scales = SCALE_BYTES * rank * len(rows) if int8 else 0
-    codes = sum(rows) * rank * code_bytes + scales + dim * rank * BASIS_BYTES
+    codes = sum(rows) * rank * code_bytes + scales + dim * rank * basis_bytes
     return min(codes, raw)
 
 
@@ -137,14 +144,19 @@ def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
     return recorder.shapes
 
 
-def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride: int = 1) -> list[dict]:
-    """Per site: dim, tensors, rows, rank reached, raw, measured and floor bytes, and extra FLOPs."""
+def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride: int = 1,
+               matmul: str = "auto") -> list[dict]:
+    """Per site: dim, tensors, rows, rank reached, raw, measured and floor bytes, and extra FLOPs.
+
+    ``stride`` and ``matmul`` are the run's ``LaserConfig.accumulate_stride`` and ``matmul_dtype``.
+    """
     rows = []
     for site in report.sites:
         shape = shapes.get(site.name)
         floor, flops = site.raw_bytes, 0
         if shape is not None:
-            codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8)
+            basis_bytes = matmul_dtype(shape.dtype, matmul).itemsize
+            codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8, basis_bytes)
             floor += codes - shape.raw_bytes
             if codes < shape.raw_bytes:
                 flops = compression_flops(shape.rows, shape.dim, site.rank, stride)
@@ -176,7 +188,7 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
     summary, details = [], []
     for spec in specs[1:]:
         site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8",
-                               spec.options.get("accumulate_stride", 1))
+                               spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"))
         stored = sum(r["stored"] for r in site_rows)
         floor = sum(r["floor"] for r in site_rows)
         share = sum(r["flops"] for r in site_rows) / block

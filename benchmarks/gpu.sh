@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check (at most 8 minutes wall on an H200): the paper's TRM (D=512, 8 heads, SwiGLU 1536,
 # 24 recursion steps, seq 121) at batch 64 under bf16 autocast, on maze batches, for none, laser at rank 128
-# and 256 (library defaults otherwise), laser with int8 codes, laser with the power-iteration statistic on
-# every 8th row (laser-s8, laser-s8-int8), and checkpoint. It prints one markdown table:
+# and 256 (library defaults otherwise: the guarded policy, bf16 matmuls), laser-paper (the forward that never
+# waits for the device), laser with int8 codes, laser with the power-iteration statistic on every 8th row
+# (laser-s8, laser-s8-int8), laser-ref (fp32 matmuls: the reference path), and checkpoint. It prints one
+# markdown table:
 # saved bytes (report), activation bytes held after the forward (torch.cuda.memory_allocated), max memory
 # allocated over one step (and its rise above the memory in use before it), and the step time as a ratio to
 # none, from a few hundred interleaved steps.
@@ -27,6 +29,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # minute more, and the outer timeout keeps the whole run inside the 8 minutes even if something stalls.
 timeout 460 python benchmarks/step.py \
     --device cuda --amp bf16 --batch 64 --dims 512 --depths 24 --ranks 128 256 \
-    --methods none laser laser-int8 laser-s8 laser-s8-int8 checkpoint \
+    --methods none laser laser-paper laser-int8 laser-s8 laser-s8-int8 laser-ref checkpoint \
     --warmup 3 --steps 300 --budget 240 --memory inprocess --threads 1 \
     "$@"

@@ -66,8 +66,9 @@ def test_floor_bytes_by_hand():
     assert floor.floor_bytes([10, 10], 8, 8, 4, int8=False) == 640
     # int8 at full rank still pays: 20*8*1 + 2*8*4 + 8*8*4 = 480 < 640.
     assert floor.floor_bytes([10, 10], 8, 8, 4, int8=True) == 480
-    # bf16 codes: 20*2*2 + 64 = 144.
+    # bf16 codes: 20*2*2 + 64 = 144; against the bf16 copy of the basis 80 + 8*2*2 = 112.
     assert floor.floor_bytes([10, 10], 8, 2, 2, int8=False) == 144
+    assert floor.floor_bytes([10, 10], 8, 2, 2, int8=False, basis_bytes=2) == 112
 
 
 @settings(max_examples=25, deadline=None)
@@ -96,15 +97,19 @@ def test_block_flops_by_hand():
     assert floor.block_flops(cfg, batch=1, seq=25) == 2 * per_call + head == 20_828_800
 
 
-def test_floor_matches_the_reports_bytes_without_fallbacks():
-    # Policy "paper" at rank 16 stores every admitted storage as codes: the report must equal the floor.
-    workload = common.Workload(64, 2, 1, maze=5)
-    run = common.TrainingRun(workload, common.method_specs(["laser-paper"], [16])[1])
+@pytest.mark.parametrize(("amp", "variant"), [("none", "laser-paper"), ("bf16", "laser-paper")])
+def test_floor_matches_the_reports_bytes_without_fallbacks(amp, variant):
+    # Policy "paper" at rank 16 stores every admitted storage as codes: the report must equal the floor,
+    # with the basis in the dtype the records hold (the bf16 copy under bf16 autocast).
+    workload = common.Workload(64, 2, 1, maze=5, amp=amp)
+    spec = common.method_specs([variant], [16])[1]
+    run = common.TrainingRun(workload, spec)
     for _ in range(3):
         run.step()
     report = run.report()
     assert sum(s.fallbacks for s in report.sites) == 0
-    rows = floor.floor_rows(report, floor.record_shapes(workload), int8=False)
+    rows = floor.floor_rows(report, floor.record_shapes(workload), int8=False,
+                            matmul=spec.options.get("matmul_dtype", "auto"))
     assert sum(r["raw"] for r in rows) == report.raw_bytes
     assert sum(r["floor"] for r in rows) == report.stored_bytes < report.raw_bytes
 
@@ -208,8 +213,8 @@ def test_gpu_script_dry_run_on_cpu():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = table_rows(proc.stdout, "| " + " | ".join(step.HEADERS) + " |")
-    assert [r[0] for r in rows] == ["none", "laser r16", "laser-int8 r16", "laser-s8 r16", "laser-s8-int8 r16",
-                                    "checkpoint"]
+    assert [r[0] for r in rows] == ["none", "laser r16", "laser-paper r16", "laser-int8 r16", "laser-s8 r16",
+                                    "laser-s8-int8 r16", "laser-ref r16", "checkpoint"]
     assert "bf16 autocast" in proc.stdout
 
 

@@ -201,6 +201,33 @@ def test_no_grad_cycles_save_no_tensors():
     assert deeper > one  # the count does see each grad step
 
 
+def weight_copies_saved(model: TRM, x: torch.Tensor) -> set:
+    """Storages of the bf16 weight copies autograd saves during one forward under CPU bf16 autocast."""
+    weights = {id(p) for p in model.parameters()}
+    storages = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        node = t.grad_fn
+        while node is not None and node.next_functions:  # a cast's chain back to its parameter
+            node = node.next_functions[0][0]
+        if node is not None and id(getattr(node, "variable", None)) in weights and t.dtype == torch.bfloat16:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        model(x)
+    return storages
+
+
+def test_autocast_casts_each_weight_once_per_forward_whatever_the_depth():
+    x = tokens(2, 121)
+    torch.manual_seed(0)
+    shallow = weight_copies_saved(TRM(tiny(L_cycles=1)), x)
+    torch.manual_seed(0)
+    deep = weight_copies_saved(TRM(tiny(L_cycles=4)), x)
+    assert shallow and len(deep) == len(shallow)  # one cached copy per weight, not one per recursion step
+
+
 def test_earlier_supervision_steps_in_forward_save_no_tensors():
     x = tokens(2, 121)
     torch.manual_seed(0)

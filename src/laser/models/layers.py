@@ -72,7 +72,14 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply the layer in `x.dtype`."""
+        """Apply the layer in `x.dtype`, or in autocast's dtype under autocast.
+
+        Under autocast the weight is left to autocast, which casts it once per forward and caches the copy;
+        an explicit `.to(x.dtype)` would make a fresh copy at every call that backward keeps (one per
+        recursion step: 2 MiB per step at the paper's shape).
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
