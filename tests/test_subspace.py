@@ -153,6 +153,28 @@ def test_sample_rows_is_uniform_without_replacement_and_reproducible():
     assert torch.equal(a, b)
 
 
+@SETTINGS
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), count=st.integers(1, 30),
+       seed=st.integers(0, 10_000))
+def test_streamed_sample_is_the_top_keys_of_the_whole_stream(sizes, count, seed):
+    """The in-place reservoir against the reference: concatenate the stream, keep the rows of the top keys."""
+    x = torch.randn(sum(sizes), 5, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    rows = keys = None
+    start = 0
+    for n in sizes:
+        rows, keys = subspace.sample_rows(x[start : start + n], count, gen, rows, keys)
+        start += n
+    reference = torch.Generator().manual_seed(seed)
+    all_keys = torch.cat([torch.rand(n, generator=reference) for n in sizes])
+    top = torch.topk(all_keys, min(count, len(all_keys))).indices
+    order, expected_order = torch.argsort(keys, descending=True), torch.argsort(all_keys[top], descending=True)
+    assert torch.equal(keys[order], all_keys[top][expected_order])
+    assert torch.equal(rows[order], x[top][expected_order])
+    best = subspace.top_rows(rows, keys, 3)
+    assert torch.equal(best, x[top][expected_order][:3])
+
+
 def test_complete_basis_rejects_impossible_rank():
     with pytest.raises(ValueError, match="orthonormal"):
         subspace.complete_basis(random_orthonormal(4, 2, 0), 5)

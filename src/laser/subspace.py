@@ -174,17 +174,39 @@ def sample_rows(
     Each row draws a random key; the ``count`` rows with the largest keys seen so far form the sample
     (priority sampling). Pass the returned ``(rows, keys)`` back in with the next matrix of the stream.
     Keys are drawn on the CPU from ``generator`` so the sample is reproducible on any device.
+
+    Once ``count`` rows are kept, ``kept`` is updated in place: only rows that enter the sample are
+    copied (into the slots of the rows they displace), so a tensor costs O(N) key work on the CPU and
+    O(entering rows x D) on the device, not a copy of the whole sample. Rows are in no particular order;
+    :func:`top_rows` gives the ones with the largest keys.
     """
     keys = torch.rand(x.shape[0], generator=generator)
-    take = min(count, x.shape[0])
-    top = torch.topk(keys, take).indices
-    rows, keys = x[to_device(top, x.device)].float(), keys[top]
-    if kept is not None:
-        rows, keys = torch.cat([kept, rows]), torch.cat([kept_keys, keys])
+    new_keys, new_index = torch.topk(keys, min(count, x.shape[0]))
+    if kept is None or len(kept_keys) < count:
+        rows = x[to_device(new_index, x.device)].float()
+        if kept is None:
+            return rows, new_keys
+        rows, keys = torch.cat([kept, rows]), torch.cat([kept_keys, new_keys])
         if keys.numel() > count:
             top = torch.topk(keys, count).indices
             rows, keys = rows[to_device(top, rows.device)], keys[top]
-    return rows, keys
+        return rows, keys
+    top = torch.topk(torch.cat([kept_keys, new_keys]), count).indices
+    entering = top[top >= count] - count  # positions in new_index
+    if entering.numel() == 0:
+        return kept, kept_keys
+    staying = torch.zeros(count, dtype=torch.bool)
+    staying[top[top < count]] = True
+    slots = (~staying).nonzero().squeeze(1)  # as many as enter
+    kept[to_device(slots, kept.device)] = x[to_device(new_index[entering], x.device)].float()
+    kept_keys[slots] = new_keys[entering]
+    return kept, kept_keys
+
+
+def top_rows(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` rows of a :func:`sample_rows` sample with the largest keys: a uniform sample of that size."""
+    top = torch.topk(keys, min(count, keys.numel())).indices
+    return rows[to_device(top, rows.device)]
 
 
 def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:

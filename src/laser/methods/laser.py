@@ -225,7 +225,8 @@ class Compressor(ActivationMethod):
                 state.low_steps = 0
                 state.resets += 1
             else:
-                state.basis = subspace.expand(state.basis, state.sample[: cfg.growth], cfg.max_rank)
+                rows = subspace.top_rows(state.sample, state.sample_keys, cfg.growth)
+                state.basis = subspace.expand(state.basis, rows, cfg.max_rank)
                 state.expansions += 1
 
     def _synchronize(self) -> None:
