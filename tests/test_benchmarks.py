@@ -39,6 +39,7 @@ def load(name: str) -> object:
 floor = load("floor")
 step = load("step")
 profile = load("profile")
+host = load("host")
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -194,6 +195,19 @@ def test_profile_prints_its_tables(capsys):
     assert parts == [*profile.PARTS, "Python overhead (rest)", "total (encode + decode + update)"]
     runs = [r[0] for r in table_rows(out, "| run | ms / step | vs none |")]
     assert runs == ["none", "bare", "laser-paper r16"]
+
+
+def test_host_prints_time_per_encoded_tensor(capsys):
+    host.main(["--methods", "laser-paper", "quant8", "--depth", "2", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "| method | step ms | stored tensors | encoded | host us / tensor over none |")
+    assert [r[0] for r in rows] == ["none", "bare", "laser-paper r32", "quant8"]
+    stored = {r[0]: r[2] for r in rows}
+    assert stored["bare"] == "-" and stored["none"] == stored["laser-paper r32"] == stored["quant8"] != "-"
+    assert 0 < int(rows[2][3]) <= int(rows[2][2]) and rows[1][4] == "-"
+    with pytest.raises(SystemExit):
+        host.main(["--warmup", "0"])
+    assert "--warmup must be >= 1" in capsys.readouterr().err
 
 
 def test_fresh_process_memory_probe_sees_compression():

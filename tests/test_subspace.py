@@ -1,6 +1,7 @@
 """Basis math: orthonormality, power iteration, expansion, reset, fidelity, break-even, sampling."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -155,24 +156,42 @@ def test_sample_rows_is_uniform_without_replacement_and_reproducible():
 
 @SETTINGS
 @given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), count=st.integers(1, 30),
-       seed=st.integers(0, 10_000))
-def test_streamed_sample_is_the_top_keys_of_the_whole_stream(sizes, count, seed):
-    """The in-place reservoir against the reference: concatenate the stream, keep the rows of the top keys."""
-    x = torch.randn(sum(sizes), 5, generator=torch.Generator().manual_seed(seed))
+       seed=st.integers(0, 10_000), small=st.sampled_from([subspace.SMALL_SAMPLE, 0]))
+def test_streamed_sample_holds_distinct_stream_rows_and_top_rows_has_the_largest_keys(sizes, count, seed, small):
+    x = torch.arange(float(sum(sizes))).repeat(2, 1).T  # row i = (i, i)
     gen = torch.Generator().manual_seed(seed)
     rows = keys = None
     start = 0
-    for n in sizes:
-        rows, keys = subspace.sample_rows(x[start : start + n], count, gen, rows, keys)
-        start += n
-    reference = torch.Generator().manual_seed(seed)
-    all_keys = torch.cat([torch.rand(n, generator=reference) for n in sizes])
-    top = torch.topk(all_keys, min(count, len(all_keys))).indices
-    order, expected_order = torch.argsort(keys, descending=True), torch.argsort(all_keys[top], descending=True)
-    assert torch.equal(keys[order], all_keys[top][expected_order])
-    assert torch.equal(rows[order], x[top][expected_order])
+    with mock.patch.object(subspace, "SMALL_SAMPLE", small):  # the Python merge, or the tensor path
+        for n in sizes:
+            rows, keys = subspace.sample_rows(x[start : start + n], count, gen, rows, keys)
+            start += n
+    assert rows.shape == (min(count, sum(sizes)), 2) and keys.shape == (len(rows),)
+    assert rows[:, 0].unique().numel() == len(rows) and torch.equal(rows[:, 0], rows[:, 1])
+    assert ((keys > 0) & (keys < 1)).all()
     best = subspace.top_rows(rows, keys, 3)
-    assert torch.equal(best, x[top][expected_order][:3])
+    assert torch.equal(best, rows[torch.argsort(keys, descending=True)[:3]])
+
+
+@pytest.mark.parametrize("small", [64, 0])
+def test_streamed_sample_is_uniform_over_uneven_matrices(monkeypatch, small):
+    """Each of 100 rows, streamed as matrices of 7, 30, 3, 40 and 20 rows, is kept with probability 12/100."""
+    monkeypatch.setattr(subspace, "SMALL_SAMPLE", small)  # the Python merge, or the tensor path
+    sizes = [7, 30, 3, 40, 20]
+    x = torch.arange(100.0)[:, None]
+    picks = torch.zeros(100)
+    seeds = 600
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        rows = keys = None
+        for chunk in x.split(sizes):
+            rows, keys = subspace.sample_rows(chunk, 12, gen, rows, keys)
+        picks[rows[:, 0].long()] += 1
+    expected = seeds * 12 / 100  # 72, binomial sd 8.0
+    per_matrix = torch.stack([p.mean() for p in picks.split(sizes)])
+    assert picks.min() > expected - 4.5 * 8.0 and picks.max() < expected + 4.5 * 8.0
+    assert (per_matrix - expected).abs().max() < 10  # no matrix is favoured (its mean has sd <= 8 / sqrt(3))
+    assert abs(float(picks.sum()) - seeds * 12) < 1e-9
 
 
 def test_complete_basis_rejects_impossible_rank():

@@ -162,6 +162,11 @@ def breaks_even(rows: int, dim: int, rank: int, activation_bytes: int, code_byte
     return rows * rank * code_bytes + dim * rank * basis_bytes * basis_share < rows * dim * activation_bytes
 
 
+# Up to this many kept rows, a full sample is merged with a matrix's keys in Python: a handful of floats
+# cost less than the dozen small tensor ops of the general path (the host time bounds an accelerator).
+SMALL_SAMPLE = 64
+
+
 def sample_rows(
     x: torch.Tensor,
     count: int,
@@ -171,36 +176,90 @@ def sample_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform sample without replacement of ``count`` rows over a stream of (N, D) matrices.
 
-    Each row draws a random key; the ``count`` rows with the largest keys seen so far form the sample
-    (priority sampling). Pass the returned ``(rows, keys)`` back in with the next matrix of the stream.
-    Keys are drawn on the CPU from ``generator`` so the sample is reproducible on any device.
-
-    Once ``count`` rows are kept, ``kept`` is updated in place: only rows that enter the sample are
-    copied (into the slots of the rows they displace), so a tensor costs O(N) key work on the CPU and
-    O(entering rows x D) on the device, not a copy of the whole sample. Rows are in no particular order;
-    :func:`top_rows` gives the ones with the largest keys.
+    Priority sampling: every row carries a uniform random key and the ``count`` rows with the largest keys
+    seen so far form the sample. Pass the returned ``(rows, keys)`` back in with the next matrix of the
+    stream. Only a matrix's largest keys are drawn, in decreasing order, as order statistics of N uniforms
+    (``K_1 = U_1^(1/N)``, ``K_j = K_{j-1} U_j^(1/(N-j+1))``), and the rows they belong to are a uniformly
+    random subset of the matrix's rows (for iid keys, which rows hold the largest ones is independent of
+    their values). Once the sample is full, a matrix whose largest key would not enter it costs one
+    random draw on the CPU and no device work, which is most matrices of a long stream; rows that enter
+    are copied into the slots of the rows they displace. Keys are drawn on the CPU from ``generator``, so
+    the sample is reproducible on any device. Rows are in no particular order: :func:`top_rows` gives the
+    ones with the largest keys.
     """
-    keys = torch.rand(x.shape[0], generator=generator)
-    new_keys, new_index = torch.topk(keys, min(count, x.shape[0]))
-    if kept is None or len(kept_keys) < count:
-        rows = x[to_device(new_index, x.device)].float()
-        if kept is None:
-            return rows, new_keys
+    n = x.shape[0]
+    take = min(count, n)
+    full = kept is not None and len(kept_keys) >= count
+    first = torch.rand(1, generator=generator, dtype=torch.float64)
+    if full and count <= SMALL_SAMPLE:
+        return _merge_small(x, generator, kept, kept_keys, float(first))
+    if full and float(first) ** (1.0 / n) <= float(kept_keys.min()):
+        return kept, kept_keys
+    uniforms = torch.cat([first, torch.rand(take - 1, generator=generator, dtype=torch.float64)])
+    new_keys = torch.cumprod(uniforms ** (1.0 / torch.arange(n, n - take, -1, dtype=torch.float64)), 0)
+    if full:
+        new_keys = new_keys[new_keys > kept_keys.min()]
+    rows = x[to_device(_distinct_rows(n, len(new_keys), generator), x.device)].float()
+    if kept is None:
+        return rows, new_keys
+    if not full:
         rows, keys = torch.cat([kept, rows]), torch.cat([kept_keys, new_keys])
         if keys.numel() > count:
             top = torch.topk(keys, count).indices
             rows, keys = rows[to_device(top, rows.device)], keys[top]
         return rows, keys
     top = torch.topk(torch.cat([kept_keys, new_keys]), count).indices
-    entering = top[top >= count] - count  # positions in new_index
-    if entering.numel() == 0:
-        return kept, kept_keys
+    entering = top[top >= count] - count  # positions in new_keys / rows
     staying = torch.zeros(count, dtype=torch.bool)
     staying[top[top < count]] = True
     slots = (~staying).nonzero().squeeze(1)  # as many as enter
-    kept[to_device(slots, kept.device)] = x[to_device(new_index[entering], x.device)].float()
+    kept[to_device(slots, kept.device)] = rows[to_device(entering, rows.device)]
     kept_keys[slots] = new_keys[entering]
     return kept, kept_keys
+
+
+def _merge_small(x: torch.Tensor, generator: torch.Generator, kept: torch.Tensor, kept_keys: torch.Tensor,
+                 first: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rows` into a full sample of at most :data:`SMALL_SAMPLE` rows, keys handled in Python."""
+    n, count = x.shape[0], len(kept_keys)
+    keys = kept_keys.tolist()
+    floor = min(keys)
+    key = first ** (1.0 / n)
+    if key <= floor:
+        return kept, kept_keys
+    new = [key]
+    for j, u in enumerate(torch.rand(min(count, n) - 1, generator=generator, dtype=torch.float64).tolist(), 1):
+        key *= u ** (1.0 / (n - j))
+        if key <= floor:
+            break
+        new.append(key)
+    ranked = sorted([(k, i) for i, k in enumerate(keys)] + [(k, count + j) for j, k in enumerate(new)],
+                    reverse=True)[:count]
+    staying = {i for _, i in ranked if i < count}
+    slots = [i for i in range(count) if i not in staying]
+    entering = [i - count for _, i in ranked if i >= count]  # as many as slots
+    rows = _distinct_rows(n, len(new), generator)
+    kept[to_device(torch.tensor(slots), kept.device)] = x[to_device(rows[entering], x.device)].float()
+    kept_keys[slots] = torch.tensor([new[j] for j in entering], dtype=kept_keys.dtype)
+    return kept, kept_keys
+
+
+def _distinct_rows(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct row indices of ``range(n)`` in uniformly random order (a random ordered subset).
+
+    Drawn position by position, each uniform over the rows not drawn yet (redrawing repeats), so a few rows
+    of a large matrix cost a few draws rather than a permutation of all ``n``.
+    """
+    if 4 * count >= n:
+        return torch.randperm(n, generator=generator)[:count]
+    rows: list[int] = []
+    seen: set[int] = set()
+    for row in torch.randint(n, (count,), generator=generator).tolist():
+        while row in seen:
+            row = int(torch.randint(n, (1,), generator=generator))
+        rows.append(row)
+        seen.add(row)
+    return torch.tensor(rows)
 
 
 def top_rows(rows: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:

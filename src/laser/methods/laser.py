@@ -259,7 +259,8 @@ class Compressor(ActivationMethod):
     def _gather_sample(self, state: SiteState, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         capacity = self.config.reset_rows
         rows = torch.zeros(capacity, dim, device=device)
-        keys = torch.full((capacity,), -1.0, device=device)  # -1: empty slot, never selected over a real row
+        # -1: an empty slot, never selected over a real row
+        keys = torch.full((capacity,), -1.0, dtype=torch.float64, device=device)
         if state.sample is not None:
             rows[: len(state.sample)] = state.sample
             keys[: len(state.sample)] = state.sample_keys.to(device)
