@@ -33,7 +33,9 @@ def quantize_columns_int8(codes: Tensor) -> tuple[Tensor, Tensor]:
     """Quantize codes ``(N, k)`` to INT8 with one symmetric absmax scale per column.
 
     ``scale_j = max_i |Z_ij| / 127`` and ``q_ij = round(Z_ij / scale_j)``, so every element is within
-    ``scale_j / 2`` of its reconstruction. An all-zero column gets scale 1.0 and decodes to exact zeros.
+    ``scale_j / 2`` of its reconstruction. An all-zero column gets the smallest normal fp32 scale and zero
+    codes, so it decodes to exact zeros. Three kernels after the absmax: the division runs in fp32 whatever
+    the codes' dtype, without a separate upcast.
 
     Returns ``(q, scales)``: an int8 tensor ``(N, k)`` and an fp32 tensor ``(k,)``, on the input's device.
     """
@@ -41,13 +43,13 @@ def quantize_columns_int8(codes: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"codes must be 2-D (N, k), got shape {tuple(codes.shape)}")
     if not codes.is_floating_point():
         raise ValueError(f"codes must be a floating-point tensor, got dtype {codes.dtype}")
-    z = codes.to(torch.float32)  # (N, k)
-    if z.shape[0] == 0:
-        return torch.zeros_like(z, dtype=torch.int8), torch.ones(z.shape[1], device=z.device)
-    absmax = z.abs().amax(dim=0)  # (k,)
-    scales = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))  # (k,)
-    # The clamp only guards against fp rounding of absmax / scale landing a hair above 127.
-    q = (z / scales).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # (N, k)
+    if codes.shape[0] == 0:
+        return torch.zeros(codes.shape, dtype=torch.int8, device=codes.device), torch.ones(codes.shape[1],
+                                                                                           device=codes.device)
+    absmax = codes.abs().amax(dim=0).float()  # (k,); exact for 16-bit codes
+    scales = (absmax / INT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)  # (k,)
+    # |Z / scale| <= 127 up to one rounding of the scale, so round() never leaves [-127, 127].
+    q = torch.round(codes / scales).to(torch.int8)  # (N, k)
     return q, scales
 
 
@@ -57,7 +59,7 @@ def dequantize_columns_int8(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Te
         raise ValueError(
             f"expected q (N, k) and scales (k,), got q {tuple(q.shape)} and scales {tuple(scales.shape)}"
         )
-    return (q.to(torch.float32) * scales.to(torch.float32)).to(dtype)  # (N, k)
+    return (q * scales.float()).to(dtype)  # (N, k); int8 * fp32 is computed in fp32
 
 
 # -----------------------------------------------------------------------------
