@@ -73,6 +73,7 @@ ENCODE_OP_PART = {
     "aten::pow": "fidelity sums",
     "aten::sum": "fidelity sums",
     "aten::dot": "fidelity sums",
+    "aten::linalg_vector_norm": "fidelity sums",
     "aten::isfinite": "fidelity sums",
     "aten::is_nonzero": "fidelity sums",
     "aten::item": "fidelity sums",
