@@ -269,7 +269,9 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         dim = row_width(base, self.config.fold_to)
         site = f"{self._namer.current()}:{dim}"
         storage_bytes = tensor.untyped_storage().nbytes()
-        account = self._accounts.setdefault(site, SiteAccount(dim))
+        account = self._accounts.get(site)
+        if account is None:
+            account = self._accounts[site] = SiteAccount(dim)
         account.raw_bytes += storage_bytes
         account.tensors += 1
         record = None

@@ -59,7 +59,6 @@ class SiteState:
         if self.tensors:
             self.tensors_last_step, self.tensors = self.tensors, 0
 
-
     def basis_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The basis in ``dtype``: itself for fp32, else a copy made once per step."""
         if dtype == self.basis.dtype:
