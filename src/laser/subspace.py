@@ -188,6 +188,10 @@ def sample_rows(
     ones with the largest keys.
     """
     n = x.shape[0]
+    if n == 0:  # nothing to draw from
+        if kept is not None:
+            return kept, kept_keys
+        return x.new_zeros((0, x.shape[1]), dtype=torch.float32), torch.zeros(0, dtype=torch.float64)
     take = min(count, n)
     full = kept is not None and len(kept_keys) >= count
     first = torch.rand(1, generator=generator, dtype=torch.float64)
