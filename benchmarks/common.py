@@ -159,8 +159,8 @@ def grid_parser(description: str, methods: Sequence[str], default_methods: Seque
                 methods_help: str) -> argparse.ArgumentParser:
     """A parser with the workload grid and timing arguments of the grid scripts (``step.py``, ``floor.py``).
 
-    Widths, depths, ranks, methods (from ``methods``), batch, maze side, warm-up and timed rounds, device,
-    autocast and threads; a script adds its own arguments and parses with :func:`parse_grid`.
+    Widths, depths, ranks, methods (from ``methods``), and :func:`add_workload_arguments` and
+    :func:`add_timing_arguments`; a script adds its own arguments and parses with :func:`parse_timed`.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="widths D")
@@ -168,21 +168,33 @@ def grid_parser(description: str, methods: Sequence[str], default_methods: Seque
     parser.add_argument("--ranks", type=int, nargs="+", default=[64], help="LASER initial ranks")
     parser.add_argument("--methods", nargs="+", default=list(default_methods), choices=list(methods),
                         metavar="METHOD", help=f"{methods_help}, from: {', '.join(methods)}")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every method once)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    add_workload_arguments(parser)
+    add_timing_arguments(parser)
     return parser
 
 
-def parse_grid(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; fail naming ``--warmup`` when it would time a site's first (raw) step."""
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch``, ``--maze``, ``--device`` and ``--amp``: the workload settings besides its shape."""
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, warmup: int = 2, steps: int = 5,
+                         steps_help: str = "timed rounds (each runs every method once)") -> None:
+    """``--warmup``, ``--steps`` and ``--threads``, checked by :func:`parse_timed`."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before measuring (>= 1)")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+
+
+def parse_timed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; fail naming ``--warmup`` when it would time a site's first step (stored raw while
+    LASER initialises its basis: not a typical step)."""
     args = parser.parse_args(argv)
     if args.warmup < 1:
-        parser.error("--warmup must be >= 1: LASER stores each site's first step raw")
+        parser.error("--warmup must be >= 1: LASER stores each site's first step raw while its basis initialises")
     return args
 
 

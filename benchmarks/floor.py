@@ -39,7 +39,7 @@ from common import (
     interleaved_medians,
     markdown_table,
     method_specs,
-    parse_grid,
+    parse_timed,
     ranks_reached,
     size,
     synchronizer,
@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings (see ``--help``)."""
     parser = grid_parser(__doc__, LASER_VARIANTS, LASER_VARIANTS[:4], "LASER variants")
     parser.add_argument("--sites", action="store_true", help="also print the per-site floor tables")
-    return parse_grid(parser, argv)
+    return parse_timed(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

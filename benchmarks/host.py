@@ -26,10 +26,12 @@ from common import (
     MethodSpec,
     TrainingRun,
     Workload,
+    add_timing_arguments,
     environment,
     interleaved_medians,
     markdown_table,
     method_specs,
+    parse_timed,
     set_threads,
 )
 
@@ -65,13 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=128, help="width D")
     parser.add_argument("--depth", type=int, default=24, help="recursion depth (TRM L_cycles)")
     parser.add_argument("--rank", type=int, default=32, help="rank of the low-rank methods")
-    parser.add_argument("--steps", type=int, default=15, help="timed interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 1: LASER's first step)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1: a site's first step initialises its basis and is not typical")
-    return args
+    add_timing_arguments(parser, warmup=3, steps=15)
+    return parse_timed(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

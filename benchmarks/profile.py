@@ -31,11 +31,14 @@ from common import (
     VARIANTS,
     TrainingRun,
     Workload,
+    add_timing_arguments,
+    add_workload_arguments,
     check_device,
     environment,
     interleaved_medians,
     markdown_table,
     method_specs,
+    parse_timed,
     set_threads,
     synchronizer,
 )
@@ -145,18 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8, help="recursion depth n (L_cycles)")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze**2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring (>= 1)")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds, and unprofiled steps for wall time")
+    add_workload_arguments(parser)
+    add_timing_arguments(parser, steps_help="timed rounds, and unprofiled steps for wall time")
     parser.add_argument("--profiled", type=int, default=2, help="profiled steps")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
     parser.add_argument("--top", type=int, default=12, help="rows of the table of ops")
-    args = parser.parse_args(argv)
-    if args.warmup < 1 or args.profiled < 1:
-        parser.error("--warmup and --profiled must be >= 1")
+    args = parse_timed(parser, argv)
+    if args.profiled < 1:
+        parser.error("--profiled must be >= 1")
     check_device(args.device)
     set_threads(args.threads)
 

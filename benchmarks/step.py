@@ -42,7 +42,7 @@ from common import (
     interleaved_medians,
     markdown_table,
     method_specs,
-    parse_grid,
+    parse_timed,
     probe_memory,
     probe_memory_fresh,
     ranks_reached,
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="stop timing a shape after this many seconds")
     parser.add_argument("--memory", choices=["fresh", "inprocess", "off"], default=None,
                         help="memory probe: fresh process (CPU default), in this process (GPU default), or off")
-    args = parse_grid(parser, argv)
+    args = parse_timed(parser, argv)
     if args.full:
         args.dims, args.depths, args.ranks = FULL_GRID["dims"], FULL_GRID["depths"], FULL_GRID["ranks"]
     if args.memory is None:

@@ -210,6 +210,18 @@ def test_host_prints_time_per_encoded_tensor(capsys):
     assert "--warmup must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("step", ["--warmup", "0"], "--warmup must be >= 1"),
+    ("floor", ["--warmup", "0"], "--warmup must be >= 1"),
+    ("profile", ["--warmup", "0"], "--warmup must be >= 1"),
+    ("profile", ["--profiled", "0"], "--profiled must be >= 1"),
+])
+def test_scripts_reject_settings_that_would_time_an_untypical_step(capsys, script, argv, message):
+    with pytest.raises(SystemExit):
+        {"step": step, "floor": floor, "profile": profile}[script].main(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_fresh_process_memory_probe_sees_compression():
     spec = common.method_specs(["laser-paper"], [16])[1]
     probe = common.probe_memory_fresh(common.Workload(64, 2, 1, maze=5), spec, 2)
