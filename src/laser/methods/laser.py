@@ -133,9 +133,7 @@ class Compressor(ActivationMethod):
         codes = xc @ basis  # (N, k)
         x_sq, codes_sq = squared_norm(xc), squared_norm(codes)
         self._accumulate(state, xc, codes, x_sq, codes_sq)
-        # F >= threshold as ||Z||^2 >= threshold^2 ||X||^2, which NaN fails too: the only read of a device
-        # value during the forward.
-        if cfg.policy == "guarded" and not bool(codes_sq >= cfg.threshold**2 * x_sq):
+        if not self._guard_passes(codes_sq, x_sq):  # the only read of a device value during the forward
             return None
         return make_codes(codes, basis, x.dtype, cfg.quantize)
 
@@ -163,9 +161,15 @@ class Compressor(ActivationMethod):
         basis = subspace.top_k_basis(xf, rank, self.generator)  # (D, k), this tensor's own
         codes = xf @ basis
         state.rank_used = rank
-        if cfg.policy == "guarded" and subspace.fidelity(squared_norm(codes), x_sq) < cfg.threshold:
+        if not self._guard_passes(squared_norm(codes), x_sq):
             return None
         return make_codes(codes, basis, x.dtype, cfg.quantize)
+
+    def _guard_passes(self, codes_sq: torch.Tensor, x_sq: torch.Tensor) -> bool:
+        """Whether a tensor may be stored as codes: always under ``"paper"``; under ``"guarded"`` when its
+        fidelity reaches the threshold, tested as ``||Z||^2 >= threshold^2 ||X||^2`` (which NaN fails)."""
+        cfg = self.config
+        return cfg.policy != "guarded" or bool(codes_sq >= cfg.threshold**2 * x_sq)
 
     def _accumulate(self, state: SiteState, x: torch.Tensor, codes: torch.Tensor,
                     x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
