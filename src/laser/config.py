@@ -54,10 +54,8 @@ class SiteFilter:
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 
-    def admits(self, site: str, dim: int, numel: int) -> bool:
-        """Whether a tensor of ``numel`` elements at ``site`` (last dimension ``dim``) may be compressed."""
-        if numel < self.min_numel or dim < self.min_dim:
-            return False
+    def admits(self, site: str) -> bool:
+        """Whether the patterns and ``model_only`` let a method touch tensors of ``site`` (sizes aside)."""
         if self.model_only and site.startswith(OUTSIDE):
             return False
         if self.include and not any(fnmatch.fnmatchcase(site, p) for p in self.include):
@@ -71,6 +69,7 @@ _TYPES = {
     "bool": (lambda v: isinstance(v, bool), "True or False"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
 }
 
 
@@ -108,7 +107,7 @@ class LaserConfig(SiteFilter):
         rank: initial rank ``k0`` of every site's basis (also the rank a hard reset returns to).
         threshold: fidelity ``F = ||Z||/||X||`` below which a step counts as low (epsilon).
         growth: rows sampled and orthogonalised into the basis on a low step (``m``).
-        max_rank: ceiling on a site's rank.
+        max_rank: ceiling on a site's rank; ``None``: ``4 * rank`` (512 at the paper's rank 128).
         patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
         power_iters: power-iteration steps per training step; the first uses every activation of the step
             (matrix-free), further ones use the step's row sample.
@@ -127,7 +126,11 @@ class LaserConfig(SiteFilter):
             fp32 first: the reference path, and the one fp16 activations always take (fp16 cannot hold the
             sums ``X^T Z``).
         quantize: ``None`` keeps codes in the activation dtype; ``"int8"`` stores per-column int8 codes.
-        reset_rows: rows kept (uniformly sampled) to compute the reset SVD when a reset may be due.
+        reset_rows: rows kept (uniformly sampled) to compute the reset SVD when a reset may be due; ``None``:
+            ``max(1024, 2 * rank)``.
+        max_resets: a site still under ``threshold`` when a reset is due after this many resets in a row is
+            no longer tracked: stored raw from then on (reason ``"untracked"``), so a model on which nothing
+            compresses costs what the hooks cost, not an SVD every ``patience`` steps.
         seed: seed of the compressor's own generator (row sampling, random completions).
         sync: in a distributed run, all-reduce the statistics so every rank holds the same bases.
     """
@@ -135,14 +138,15 @@ class LaserConfig(SiteFilter):
     rank: int = 128
     threshold: float = 0.95
     growth: int = 4
-    max_rank: int = 512
+    max_rank: int | None = None
     patience: int = 2
     power_iters: int = 1
     accumulate_stride: int = 1
     policy: str = "guarded"
     matmul_dtype: str = "auto"
     quantize: str | None = None
-    reset_rows: int = 1024
+    reset_rows: int | None = None
+    max_resets: int = 3
     seed: int = 0
     sync: bool = True
 
@@ -151,7 +155,8 @@ class LaserConfig(SiteFilter):
         _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
         _require(0.0 < self.threshold <= 1.0, "threshold", self.threshold, "must be in (0, 1]")
         _require(self.growth >= 1, "growth", self.growth, "must be >= 1")
-        _require(self.max_rank >= self.rank, "max_rank", self.max_rank, f"must be >= rank ({self.rank})")
+        _require(self.max_rank is None or self.max_rank >= self.rank, "max_rank", self.max_rank,
+                 f"must be >= rank ({self.rank}); raise max_rank or lower rank, or leave max_rank unset (4 * rank)")
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
         _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,
@@ -160,7 +165,20 @@ class LaserConfig(SiteFilter):
         _require(self.matmul_dtype in ("auto", "float32"), "matmul_dtype", self.matmul_dtype,
                  "use 'auto' (bf16 matmuls for bf16 activations) or 'float32' (the reference path)")
         _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
-        _require(self.reset_rows >= self.rank, "reset_rows", self.reset_rows, f"must be >= rank ({self.rank})")
+        _require(self.reset_rows is None or self.reset_rows >= self.rank, "reset_rows", self.reset_rows,
+                 f"must be >= rank ({self.rank}); raise reset_rows or lower rank, or leave reset_rows unset "
+                 "(max(1024, 2 * rank))")
+        _require(self.max_resets >= 0, "max_resets", self.max_resets, "must be >= 0")
+
+    @property
+    def rank_ceiling(self) -> int:
+        """``max_rank``, or the default it derives from ``rank`` when unset."""
+        return self.max_rank if self.max_rank is not None else 4 * self.rank
+
+    @property
+    def sample_size(self) -> int:
+        """``reset_rows``, or the default it derives from ``rank`` when unset."""
+        return self.reset_rows if self.reset_rows is not None else max(1024, 2 * self.rank)
 
 
 @dataclass

@@ -2,15 +2,27 @@
 
 One :class:`ActivationMethod` sits between autograd and the tensors it saves for backward:
 
-* **sites**: forward hooks on every submodule track which module is running, so a saved tensor is named
-  ``"<module path>:<width>"``. A weight-tied block run at 24 recursion steps is one site.
-* **parameters are never touched**: autograd also saves parameters and buffers (often as views such as
-  ``weight.t()``); they are recognised by storage and passed through untouched, as are non-float tensors.
+* **sites**: a site is one activation stream, ``"<module path>/<op>:<width>"``: the innermost module running
+  when the storage is first saved, the autograd op that produced it (``mm``, ``silu``, ``mul``; ``input``
+  for a tensor without history) and its row width. A second storage of the same module, op and width
+  within one call of that module is a stream of its own (``mul#1``). A weight-tied block run at 24
+  recursion steps is one site per stream.
+* **what is never coded**: parameters and buffers and every copy of them (views such as ``weight.t()``,
+  autocast casts, also of frozen weights), non-float tensors, tensors a backward reads as a mask or a sign
+  (ReLU, threshold, hardtanh, leaky ReLU, clamp, max-pool, ...) and the loss's saved tensors: each is kept
+  exactly, with its reason in the report.
+* **exact where autograd is exact**: with saved-tensor hooks set, PyTorch skips its own version-counter
+  check, so every saved tensor's version is recorded at pack and checked at unpack, raising autograd's
+  "modified by an inplace operation" error. Raw-kept tensors are held detached, so a graph dropped without
+  backward frees everything (no tensor -> grad_fn -> saved tensor cycle).
 * **storage, not view**: autograd saves several views of one storage (q, k and v of one ``qkv`` output;
   a linear's input as a reshaped view). The base storage is encoded once and every view is rebuilt from
   it with ``as_strided``. Storages are keyed by address *and* a weak reference, because the allocator
   hands a freed storage's address to the next tensor of the same forward.
-* **accounting**: raw and stored bytes are counted once per unique storage, per site and step.
+* **accounting**: raw and stored bytes are counted once per unique storage, per site and step; each
+  storage kept raw carries its reason.
+* **threads**: one method may be entered from several threads at once (hooks are thread-local; the
+  shared state is locked).
 
 A method subclasses :class:`ActivationMethod` and implements :meth:`ActivationMethod.encode` (and, if it
 keeps state, :meth:`~ActivationMethod.update`, :meth:`~ActivationMethod.site_row` and the state hooks).
@@ -19,15 +31,20 @@ keeps state, :meth:`~ActivationMethod.update`, :meth:`~ActivationMethod.site_row
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+import warnings
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 
 from laser.config import OUTSIDE, SiteFilter
 
@@ -36,6 +53,95 @@ try:
 except ImportError:  # a torch build without distributed support
     DTensor = None
 from laser.report import Report, SiteReport
+
+
+class Reason:
+    """Why a saved storage was kept raw (the keys of :attr:`SiteReport.reasons`)."""
+
+    RAW = "method"  # the method keeps every tensor as it is (``none``, the activation recorder)
+    NOT_FLOAT = "not float"
+    TOO_SMALL = "too small"  # under min_numel or min_dim
+    EXCLUDED = "excluded"  # include / exclude patterns, or saved outside the model (model_only)
+    LAYOUT = "layout"  # no dense rows to code (a channels-first conv activation, a strided view)
+    MASK = "mask"  # read by its backward as a mask or a sign
+    LOSS = "loss"  # saved by a loss or a log-softmax
+    BREAK_EVEN = "break-even"  # codes plus basis would not be smaller than the tensor this step
+    FROZEN = "frozen"  # the site's rank can never beat break-even: no longer tracked
+    GUARD = "guard"  # its own fidelity was under the threshold (policy "guarded")
+    NONFINITE = "non-finite"
+    UNTRACKED = "untracked"  # the site never reached its threshold through max_resets resets
+
+
+# ----------------------------------------------------------------------------------------- what saves
+def _functions(*names: str, modules: tuple = (torch, F, torch.Tensor)) -> list:
+    """The torch functions and Tensor methods of these names that exist in this build."""
+    return [getattr(m, n) for m in modules for n in names if hasattr(m, n)]
+
+
+# Saved tensors that a backward reads only as a mask or a sign: a code that turns an exact 0 into 1e-3
+# flips the mask at any rank (DESIGN hard part 11).
+_MASK_FUNCTIONS = _functions(
+    "relu", "relu_", "relu6", "threshold", "threshold_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_",
+    "rrelu", "rrelu_", "prelu", "hardswish", "hardsigmoid", "clamp", "clamp_", "clip", "clip_", "clamp_min",
+    "clamp_max", "abs", "abs_", "sign", "maximum", "minimum", "fmax", "fmin",
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "fractional_max_pool2d", "fractional_max_pool3d", "max_unpool2d",
+)
+# Autograd nodes that save their own output as a mask (in-place activations, functional relu).
+_MASK_NODES = frozenset({"relu", "threshold", "hardtanh", "leakyrelu", "rrelu"})
+_LOSS_FUNCTIONS = _functions(
+    "log_softmax", "cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "soft_margin_loss",
+    "multilabel_soft_margin_loss", "multilabel_margin_loss", "multi_margin_loss", "poisson_nll_loss",
+    "gaussian_nll_loss", "ctc_loss", "cosine_embedding_loss", "margin_ranking_loss", "hinge_embedding_loss",
+    "triplet_margin_loss", "triplet_margin_with_distance_loss",
+)
+# Functions whose saved activations are (N, C, *spatial): coded over channels, never over image rows.
+_SPATIAL_FUNCTIONS = _functions(
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
+    "instance_norm", "group_norm", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "lp_pool2d", "interpolate", "upsample", "pixel_shuffle",
+    modules=(torch, F),
+)
+_SPATIAL_NODES = re.compile(r"convolution|batchnorm|groupnorm|pool\dd|upsample|pixelshuffle")
+MASK, LOSS, SPATIAL = "mask", "loss", "spatial"
+_KINDS = {f: kind for kind, fs in ((SPATIAL, _SPATIAL_FUNCTIONS), (MASK, _MASK_FUNCTIONS), (LOSS, _LOSS_FUNCTIONS))
+          for f in fs}
+
+
+class _SaverMode(TorchFunctionMode):
+    """Knows, while a torch function runs, whether the tensors it saves are masks, loss terms or spatial.
+
+    Saved-tensor hooks see a tensor, not the op saving it; an op that saves its input as a mask (hardtanh,
+    leaky ReLU, max-pool) cannot be told from its grad_fn. Only the few functions in ``_KINDS`` do any work
+    here; every other call passes straight through. Inside a compiled region it does nothing (the compiled
+    graph saves its tensors itself, see :meth:`ActivationMethod._site`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = _KINDS.get(func)
+        if kind is None or self.kind is not None or torch.compiler.is_compiling():
+            return func(*args, **(kwargs or {}))
+        self.kind = kind
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.kind = None
+
+
+# ------------------------------------------------------------------------------------------- sites
+class _Frame:
+    """One running module call: its path and how many storages of each (op, width) it has saved."""
+
+    __slots__ = ("label", "counts")
+
+    def __init__(self, label: str) -> None:
+        self.label, self.counts = label, {}
 
 
 class SiteNamer:
@@ -54,8 +160,32 @@ class SiteNamer:
 
     def current(self) -> str:
         """Path of the innermost module running now (``OUTSIDE`` when no module runs)."""
+        return self._frame().label
+
+    def name(self, op: str, width: int) -> str:
+        """The site of a new storage made by ``op`` with rows of ``width`` in the running module call.
+
+        The n-th such storage of one call (n >= 1) is its own stream, ``op#n``. Counts restart whenever a
+        child module returns, so a loop in a parent that calls a child each iteration names its steps alike.
+        """
+        frame = self._frame()
+        key = (op, width)
+        n = frame.counts.get(key, 0)
+        frame.counts[key] = n + 1
+        return f"{frame.label}/{op}#{n}:{width}" if n else f"{frame.label}/{op}:{width}"
+
+    def restart(self) -> None:
+        """Forget what was saved outside the model (a new forward begins)."""
+        self._local.outside = _Frame(OUTSIDE)
+
+    def _frame(self) -> _Frame:
         stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else OUTSIDE
+        if stack:
+            return stack[-1]
+        outside = getattr(self._local, "outside", None)
+        if outside is None:
+            outside = self._local.outside = _Frame(OUTSIDE)
+        return outside
 
     def remove(self) -> None:
         """Detach every hook this namer added."""
@@ -78,7 +208,7 @@ class _Push(_Hook):
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not hasattr(self.local, "stack"):
             self.local.stack = []
-        self.local.stack.append(self.label)
+        self.local.stack.append(_Frame(self.label))
 
 
 class _Pop(_Hook):
@@ -89,8 +219,33 @@ class _Pop(_Hook):
         stack = getattr(self.local, "stack", None)
         if stack:
             stack.pop()
+        parent = stack[-1] if stack else getattr(self.local, "outside", None)
+        if parent is not None:
+            parent.counts.clear()
 
 
+_NODE_SUFFIX = re.compile(r"Backward\d*$")
+_OP_NAMES: dict[str, str] = {}
+
+
+def producer(tensor: torch.Tensor) -> str:
+    """The autograd op that made ``tensor`` (views and casts looked through), lower case; ``input`` without one."""
+    node = tensor.grad_fn
+    while node is not None and node.name() in _WEIGHT_COPY_NODES:
+        parents = [n for n, _ in node.next_functions if n is not None]
+        if len(parents) != 1:
+            break
+        node = parents[0]
+    if node is None or not hasattr(node, "next_functions"):
+        return "input"
+    raw = node.name()
+    op = _OP_NAMES.get(raw)
+    if op is None:
+        op = _OP_NAMES[raw] = _NODE_SUFFIX.sub("", raw.rsplit("::", 1)[-1]).lower() or "op"
+    return op
+
+
+# ------------------------------------------------------------------------------------------ records
 class Packed:
     """A storage kept in encoded form; :meth:`decode` rebuilds its whole flat content.
 
@@ -129,21 +284,65 @@ class Packed:
         return flat
 
 
-class _View:
-    """What autograd holds for one saved view of an encoded storage."""
+_EMPTY: dict[torch.device, torch.UntypedStorage] = {}
 
-    __slots__ = ("record", "size", "stride", "offset")
 
-    def __init__(self, record: Packed, tensor: torch.Tensor) -> None:
-        self.record = record
-        self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+def version_probe(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that shares ``tensor``'s version counter but none of its memory.
+
+    A coded storage must be freed, yet an in-place change to it before backward must still raise: the
+    probe is a detached alias moved onto an empty storage (``set_`` bumps the shared counter once; the
+    count is put back).
+    """
+    version = tensor._version
+    with torch.no_grad():
+        probe = tensor.detach()
+        empty = _EMPTY.get(tensor.device)
+        if empty is None:
+            empty = _EMPTY[tensor.device] = torch.empty(0, dtype=torch.uint8, device=tensor.device).untyped_storage()
+        probe.set_(empty, 0, (0,), (1,))
+        torch._C._autograd._unsafe_set_version_counter((probe,), (version,))
+    return probe
+
+
+def check_version(alias: torch.Tensor, saved: int, size: torch.Size) -> None:
+    """Raise autograd's own error when a saved tensor was changed in place after it was saved."""
+    if alias._version != saved:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{alias.type()} {list(size)}] is at version {alias._version}; expected version {saved} instead. "
+            "Hint: the tensor was changed in place between forward and backward (an optimizer step before "
+            "backward, an in-place op on a saved activation); laser checks this because saved-tensor hooks "
+            "turn autograd's own check off."
+        )
+
+
+class _Raw:
+    """What autograd holds for a tensor kept as it is: detached (no reference cycle) and its version."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.version = tensor.detach(), tensor._version
 
 
 @dataclass
 class _Entry:
     ref: StorageWeakRef
     version: int
+    account: SiteAccount
     record: Packed | None
+    probe: torch.Tensor | None = None
+
+
+class _View:
+    """What autograd holds for one saved view of an encoded storage: its record, version probe and layout."""
+
+    __slots__ = ("record", "probe", "version", "size", "stride", "offset")
+
+    def __init__(self, entry: _Entry, tensor: torch.Tensor) -> None:
+        self.record, self.probe, self.version = entry.record, entry.probe, entry.version
+        self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
 
 
 @dataclass
@@ -154,24 +353,32 @@ class SiteAccount:
     raw_bytes: int = 0
     stored_bytes: int = 0
     tensors: int = 0
-    fallbacks: int = 0
+    reasons: Counter = field(default_factory=Counter)
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> int:
+        """Storages kept raw this step, for any reason."""
+        return sum(self.reasons.values())
 
 
 def row_width(base: torch.Tensor, fold_to: int = 0) -> int:
-    """Width of the rows a storage is coded in: ``base``'s last dimension, folded up to ``fold_to``.
+    """Width of the rows a storage is coded in: its innermost dimension, folded up to ``fold_to``; 0: none.
 
     The dimensions of ``base`` are taken in memory order (innermost first) and merged into the row while
     each continues the dense block before it (stride == the block's size) and the merged width stays
     <= ``fold_to``. The layout is what counts, not the dimension order: attention heads (B, H, L, hd) with
     the strides of a (B, L, H, hd) tensor fold into rows of H*hd per token when ``fold_to`` >= H*hd, while
     a heads-major (B, H, L, hd) tensor would need L*hd and is left alone for a ``fold_to`` of the model
-    width. Size-1 dimensions are skipped; a last dimension that is not innermost is never folded.
+    width. Size-1 dimensions are skipped. A tensor whose last dimension is not innermost has no rows (0),
+    unless ``channels`` asks for rows over dimension 1 (see :func:`channel_width`).
     """
     if base.dim() == 0:
         return 1
     width = base.shape[-1]
-    if width >= fold_to or base.stride(-1) != 1:  # no dimension could merge; skips the sort on the hot path
+    if base.stride(-1) != 1 and width > 1:
+        return 0
+    if width >= fold_to:  # no dimension could merge; skips the sort on the hot path
         return width
     dims = sorted((d for d in range(base.dim() - 1) if base.shape[d] > 1), key=base.stride)
     for d in dims:
@@ -179,6 +386,14 @@ def row_width(base: torch.Tensor, fold_to: int = 0) -> int:
             break
         width *= base.shape[d]
     return width
+
+
+def channel_width(base: torch.Tensor) -> int:
+    """Rows over the channels of an (N, C, *spatial) activation: C when channels are innermost (channels_last),
+    else 0 (channels-first rows would be image rows, a stream with no shared basis)."""
+    if base.dim() < 3 or base.stride(1) != 1:
+        return 0
+    return base.shape[1]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -190,7 +405,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     """Base class of every activation-memory method: hooks, sites, dedupe and byte accounting.
 
     The hooks are active only inside ``with method:``; nesting the same method is allowed and
-    installs the hooks once. Module hooks that name sites stay until :meth:`remove`.
+    installs the hooks once per thread. Module hooks that name sites stay until :meth:`remove`.
 
     >>> method = ActivationMethod(model, NoneConfig())      # doctest: +SKIP
     >>> with method:
@@ -213,107 +428,204 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         self.generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
         self.steps = 0
         self._namer = SiteNamer(model)
-        self._depth = 0
+        self._thread = threading.local()  # this thread's nesting depth and saver mode
+        self._lock = threading.RLock()
+        self._active = 0  # threads inside `with method:`
         self._live: dict[tuple, _Entry] = {}
-        self._frozen_storages: set[tuple] = set()
+        self._weight_storages: set[tuple] = set()
+        self._weight_shapes: set[tuple[int, ...]] = set()
         self._accounts: dict[str, SiteAccount] = {}
         self._last: Report | None = None
         self._removed = False
+        self._warned_compiled = False
         self.seconds = {"encode": 0.0, "decode": 0.0, "update": 0.0}
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> ActivationMethod:
         if self._removed:
             raise RuntimeError(f"{type(self).__name__} was removed; build a new one to use it again")
-        if self._depth == 0:
-            tensors = chain(self.model.parameters(), self.model.buffers())
-            self._frozen_storages = {_storage_key(t) for t in tensors}
+        depth = getattr(self._thread, "depth", 0)
+        if depth == 0:
+            with self._lock:
+                if self._active == 0:
+                    self._remember_weights()
+                self._active += 1
+            self._namer.restart()
             super().__enter__()
-        self._depth += 1
+            self._thread.mode = _SaverMode()
+            self._thread.mode.__enter__()
+        self._thread.depth = depth + 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
+        self._thread.depth -= 1
+        if self._thread.depth == 0:
+            self._thread.mode.__exit__(*exc)
+            self._thread.mode = None
             super().__exit__(*exc)
-            self._live.clear()
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._live.clear()
+
+    def active_in_thread(self) -> bool:
+        """Whether this thread is inside ``with method:``."""
+        return getattr(self._thread, "depth", 0) > 0
+
+    def _remember_weights(self) -> None:
+        """Parameters and buffers by storage, and the shapes a copy of one may have (see :meth:`_is_weight`)."""
+        tensors = list(chain(self.model.parameters(), self.model.buffers()))
+        self._weight_storages = {_storage_key(t) for t in tensors}
+        self._weight_shapes = {tuple(t.shape) for t in tensors if t.dim() >= 1 and t.is_floating_point()}
 
     # ------------------------------------------------------------------- hooks
     def _pack(self, tensor: torch.Tensor) -> object:
-        if _is_parameter(tensor) or _storage_key(tensor) in self._frozen_storages:
-            return tensor
-        storage = tensor.untyped_storage()
+        if self._is_weight(tensor):
+            return _Raw(tensor)
         key = _storage_key(tensor)
-        entry = self._live.get(key)
-        if entry is None or entry.ref.expired() or entry.version != tensor._version:
-            start = time.perf_counter()
-            entry = _Entry(StorageWeakRef(storage), tensor._version, self._encode_storage(tensor))
-            self._live[key] = entry
-            self.seconds["encode"] += time.perf_counter() - start
-        if entry.record is None:
-            return tensor
-        entry.record.views += 1
-        return _View(entry.record, tensor)
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is None or entry.ref.expired() or entry.version != tensor._version:
+                start = time.perf_counter()
+                entry = self._live[key] = self._new_entry(tensor)
+                self.seconds["encode"] += time.perf_counter() - start
+            elif entry.record is not None and self._saver_kind() in (MASK, LOSS):
+                self._keep_raw_from_now(entry, tensor)
+            if entry.record is None:
+                return _Raw(tensor)
+            entry.record.views += 1
+        return _View(entry, tensor)
 
-    def _unpack(self, packed: object) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
+    def _unpack(self, packed: _Raw | _View) -> torch.Tensor:
+        if isinstance(packed, _Raw):
+            check_version(packed.tensor, packed.version, packed.tensor.size())
+            return packed.tensor
+        check_version(packed.probe, packed.version, packed.size)
         start = time.perf_counter()
         flat = packed.record.decoded()
         self.seconds["decode"] += time.perf_counter() - start
         return flat.as_strided(packed.size, packed.stride, packed.offset)
 
-    def _encode_storage(self, tensor: torch.Tensor) -> Packed | None:
-        """Account a newly seen storage and encode it when admitted; ``None`` keeps it raw."""
+    def _saver_kind(self) -> str | None:
+        mode = getattr(self._thread, "mode", None)
+        return mode.kind if mode is not None else None
+
+    def _keep_raw_from_now(self, entry: _Entry, tensor: torch.Tensor) -> None:
+        """A coded storage is saved again, now by a mask or loss op: it is held raw from here on.
+
+        Views handed out before keep decoding from the codes (their backward reads values); this one and
+        later ones get the exact tensor, which stays alive, so the storage's bytes are counted again.
+        """
+        kind = self._saver_kind()
+        entry.record = None
+        entry.account.stored_bytes += tensor.untyped_storage().nbytes()
+        entry.account.reasons[Reason.MASK if kind == MASK else Reason.LOSS] += 1
+
+    def _is_weight(self, tensor: torch.Tensor) -> bool:
+        """Parameters and buffers, their views, gathered copies (FSDP) and casts are never activations.
+
+        A cast made without grad (a frozen weight under autocast) has no autograd history: a saved tensor
+        without history whose shape is a parameter's or buffer's is taken for such a copy (kept raw either
+        way, so a mistake costs memory, never gradient).
+        """
+        if _is_parameter(tensor) or _storage_key(tensor) in self._weight_storages:
+            return True
+        if tensor.grad_fn is None and not tensor.requires_grad:
+            base = tensor._base if tensor._base is not None else tensor
+            return tuple(base.shape) in self._weight_shapes
+        return False
+
+    def _new_entry(self, tensor: torch.Tensor) -> _Entry:
+        """Name, account and (when admitted) encode a storage seen for the first time in this forward."""
         base = tensor._base if tensor._base is not None else tensor
-        dim = row_width(base, self.config.fold_to)
-        site = f"{self._namer.current()}:{dim}"
-        storage_bytes = tensor.untyped_storage().nbytes()
+        kind = self._saver_kind()
+        op = producer(base)
+        if op == "compiledfunction":
+            self._warn_compiled()
+        if kind is None and (op in _MASK_NODES):
+            kind = MASK
+        spatial = kind == SPATIAL or _SPATIAL_NODES.search(op) is not None
+        width = row_width(base, self.config.fold_to) if not spatial or base.dim() < 3 else 0
+        if width == 0 and (spatial or base.dim() >= 4):  # channels_last: over channels; image rows never
+            width = channel_width(base)
+        site = self._namer.name(op, width)
         account = self._accounts.get(site)
         if account is None:
-            account = self._accounts[site] = SiteAccount(dim)
+            account = self._accounts[site] = SiteAccount(width)
+        storage_bytes = tensor.untyped_storage().nbytes()
         account.raw_bytes += storage_bytes
         account.tensors += 1
+        reason = self._refusal(tensor, base, site, width, kind, storage_bytes)
         record = None
-        numel = storage_bytes // tensor.element_size()
-        if (
-            tensor.is_floating_point()
-            and base.dim() >= 1
-            and dim > 0
-            and base.stride(-1) == 1
-            and storage_bytes % (tensor.element_size() * dim) == 0
-            and self.config.admits(site, dim, numel)
-        ):
-            flat = tensor.detach().as_strided((numel // dim, dim), (dim, 1), 0)  # (N, D) over the storage
-            with torch.no_grad(), autocast_off(flat.device):
-                record = self.encode(flat, site)
-            if record is None:
-                account.fallbacks += 1
+        if reason is None:
+            numel = storage_bytes // tensor.element_size()
+            rows = tensor.detach().as_strided((numel // width, width), (width, 1), 0)  # (N, D) over the storage
+            with torch.no_grad(), autocast_off(rows.device):
+                result = self.encode(rows, site)
+            if isinstance(result, str):
+                reason = result
+            else:
+                record = result
         if record is None:
+            account.reasons[reason] += 1
             account.stored_bytes += storage_bytes
-        else:
-            account.stored_bytes += record.nbytes
-            for shared in record.shared:
-                if id(shared) not in account.shared:
-                    account.shared[id(shared)] = shared
-                    account.stored_bytes += tensor_bytes(shared)
-        return record
+            return _Entry(StorageWeakRef(tensor.untyped_storage()), tensor._version, account, None)
+        account.stored_bytes += record.nbytes
+        for shared in record.shared:
+            if id(shared) not in account.shared:
+                account.shared[id(shared)] = shared
+                account.stored_bytes += tensor_bytes(shared)
+        return _Entry(StorageWeakRef(tensor.untyped_storage()), tensor._version, account, record, version_probe(tensor))
+
+    def _refusal(self, tensor: torch.Tensor, base: torch.Tensor, site: str, width: int, kind: str | None,
+                 storage_bytes: int) -> str | None:
+        """Why a new storage may not be encoded, or ``None`` when it is admitted."""
+        if not tensor.is_floating_point():
+            return Reason.NOT_FLOAT
+        if kind == MASK:
+            return Reason.MASK
+        if kind == LOSS:
+            return Reason.LOSS
+        if width <= 0 or storage_bytes % (tensor.element_size() * width):
+            return Reason.LAYOUT
+        numel = storage_bytes // tensor.element_size()
+        if numel < self.config.min_numel or width < self.config.min_dim:
+            return Reason.TOO_SMALL
+        if not self.config.admits(site):
+            return Reason.EXCLUDED
+        return None
+
+    def _warn_compiled(self) -> None:
+        if self._warned_compiled:
+            return
+        self._warned_compiled = True
+        warnings.warn(
+            f"{type(self).__name__}: tensors saved by a torch.compile graph are named by the module that ran "
+            "the compiled region and their order in it ('<module>/compiledfunction#n:<width>'): module hooks are "
+            "traced away, so include/exclude patterns on inner module names do not match, and recursion steps "
+            "unrolled inside the graph do not share a basis. Compile the block inside the loop "
+            "(torch.compile(block)) to keep one site per stream.",
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------- for subclasses
-    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
-        """Encode one admitted storage viewed as ``x`` (N, D); ``None`` keeps it raw (a fallback).
+    def encode(self, x: torch.Tensor, site: str) -> Packed | str:
+        """Encode one admitted storage viewed as ``x`` (N, D), or return the :class:`Reason` it stays raw.
 
         Runs without grad and without autocast. The base method keeps everything raw.
         """
-        return None
+        return Reason.RAW
 
     def update(self) -> None:
         """Update method state between steps (basis tracking); the base method has none."""
 
+    def clear_step(self) -> None:
+        """Forget the step's statistics, once its report is built; the base method keeps none."""
+
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         """The report row of one site for the current step."""
         return SiteReport(site, account.dim, account.dim, 1.0, account.raw_bytes, account.stored_bytes,
-                          account.tensors, fallbacks=account.fallbacks)
+                          account.tensors, fallbacks=account.fallbacks, reasons=dict(account.reasons))
 
     def extra_state(self) -> dict:
         """Method state beyond the common fields, for :meth:`state_dict`."""
@@ -329,10 +641,12 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         Call once per optimizer step, after ``backward()``. With nothing recorded it only counts the step.
         """
         start = time.perf_counter()
-        self.update()
+        with self._lock:
+            self.update()
+            self._last = self._build_report()
+            self.clear_step()
+            self._accounts = {}
         self.seconds["update"] += time.perf_counter() - start
-        self._last = self._build_report()
-        self._accounts = {}
         self.steps += 1
 
     def report(self) -> Report:
@@ -373,7 +687,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
 
     def remove(self) -> None:
         """Detach every hook this method added; the model is left exactly as before."""
-        if self._depth:
+        if self._active:
             raise RuntimeError("remove() called inside `with method:`; leave the block first")
         self._namer.remove()
         self._removed = True
@@ -402,11 +716,7 @@ _WEIGHT_COPY_NODES = frozenset({
 
 
 def _is_parameter(tensor: torch.Tensor) -> bool:
-    """Parameters (also gathered ones, e.g. FSDP's), their views and autocast copies are never compressed.
-
-    A copy made without grad (a frozen weight under autocast) has no autograd history and is not
-    recognised; it is treated as an activation.
-    """
+    """Parameters (also gathered ones, e.g. FSDP's), their views and autocast copies with autograd history."""
     if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
         return True
     node = tensor.grad_fn

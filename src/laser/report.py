@@ -13,14 +13,18 @@ class SiteReport:
         name: site name, ``"<module path>:<dim>"``.
         dim: width ``D`` of the site (last dimension of the saved storage).
         rank: rank of the basis the step's codes were made with (``dim`` where nothing is projected).
-        fidelity: ``||Z|| / ||X||`` over the step's tensors at this site (1.0 where stored raw).
+        fidelity: cosine between the step's activations at this site and what backward gets back from what
+            is stored (after int8 rounding), ``||Z|| / ||X||`` for float codes; 1.0 where stored raw.
         raw_bytes: bytes the autograd graph would have kept without the method (unique storages).
-        stored_bytes: bytes actually kept: codes, scales, the site's basis, and raw fallbacks.
+        stored_bytes: bytes actually kept: codes, scales, the site's basis, raw fallbacks and the method's
+            own state for the site during the step (``state_bytes``).
         tensors: unique storages saved at this site during the step.
         expansions: rank expansions so far (cumulative).
         resets: hard resets by exact SVD so far (cumulative).
-        fallbacks: storages kept raw during this step although admitted for compression
-            (non-finite values, break-even, or low fidelity under the guarded policy).
+        fallbacks: storages kept raw during this step, for any reason.
+        reasons: why they were kept raw: :class:`laser.hooks.Reason` -> storages (sums to ``fallbacks``).
+        state_bytes: the method's own memory for this site during the step (its tracked basis where the
+            codes use a copy, the ``X^T Z`` accumulator, the row sample), part of ``stored_bytes``.
     """
 
     name: str
@@ -33,6 +37,8 @@ class SiteReport:
     expansions: int = 0
     resets: int = 0
     fallbacks: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    state_bytes: int = 0
 
     @property
     def savings(self) -> float:
@@ -82,7 +88,8 @@ class Report:
         }
 
     def __str__(self) -> str:
-        header = ("site", "dim", "rank", "fidelity", "tensors", "raw", "stored", "saved", "exp", "reset", "fb")
+        header = ("site", "dim", "rank", "fidelity", "tensors", "raw", "stored", "saved", "exp", "reset", "fb",
+                  "kept raw because")
         rows = [
             (
                 s.name,
@@ -96,15 +103,19 @@ class Report:
                 str(s.expansions),
                 str(s.resets),
                 str(s.fallbacks),
+                ", ".join(f"{reason} {n}" for reason, n in sorted(s.reasons.items())),
             )
             for s in self.sites
         ]
         rows.append(
             ("total", "", "", "", str(sum(s.tensors for s in self.sites)), format_bytes(self.raw_bytes),
-             format_bytes(self.stored_bytes), f"{100 * self.savings:.1f}%", "", "", "")
+             format_bytes(self.stored_bytes), f"{100 * self.savings:.1f}%", "", "",
+             str(sum(s.fallbacks for s in self.sites)), "")
         )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        last = len(header) - 1
+        lines = ["  ".join(c.ljust(w) if i in (0, last) else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
                  for r in [header, *rows]]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from laser import subspace
 from laser.analysis.spectra import SUMMARY_RANKS, SpectrumSummary, pca_fidelity, summarize
 from laser.config import NoneConfig, SiteFilter
-from laser.hooks import ActivationMethod, Packed
+from laser.hooks import ActivationMethod, Packed, Reason
 
 FIDELITY_BITS = (8, 16, 32)  # code precisions of Figure 4: int8, bf16, fp32
 DEFAULT_MAX_ROWS = 4096
@@ -88,21 +88,21 @@ class ActivationRecorder(ActivationMethod):
         ]
 
     def __enter__(self) -> ActivationRecorder:
-        if self._depth == 0:
+        if not self.active_in_thread():
             self._calls.calls = {}
         return super().__enter__()
 
-    def encode(self, x: Tensor, site: str) -> Packed | None:
+    def encode(self, x: Tensor, site: str) -> Packed | str:
         """Add the rows of ``x`` ``(N, D)`` to the samples of ``site``; always keeps ``x`` raw."""
         self.rows_seen[site] = self.rows_seen.get(site, 0) + x.shape[0]
         self._samples[site] = subspace.sample_rows(x, self.max_rows, self.sample_generator, *self._samples.get(
             site, (None, None)))
         if self.per_step:
-            module = site.rsplit(":", 1)[0]
+            module = site_module(site)
             step = max(getattr(self._calls, "calls", {}).get(module, 0) - 1, 0)
             steps = self._step_samples.setdefault(site, {})
             steps[step] = subspace.sample_rows(x, self.max_rows, self.sample_generator, *steps.get(step, (None, None)))
-        return None
+        return Reason.RAW
 
     def activations(self) -> dict[str, Tensor]:
         """Recorded rows per site: fp32 ``(min(max_rows, rows seen), D)``, sites sorted by name."""
@@ -158,12 +158,12 @@ def collect_activations(
 
 
 def site_module(site: str) -> str:
-    """Module path of a site name ``"<module path>:<width>"``."""
-    return site.rsplit(":", 1)[0]
+    """Module path of a site name ``"<module path>/<op>:<width>"``."""
+    return site.rsplit(":", 1)[0].split("/", 1)[0]
 
 
 def site_dim(site: str) -> int:
-    """Width ``D`` of a site name ``"<module path>:<width>"``."""
+    """Width ``D`` of a site name ``"<module path>/<op>:<width>"``."""
     return int(site.rsplit(":", 1)[1])
 
 

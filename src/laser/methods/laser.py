@@ -10,28 +10,27 @@ from torch import nn
 
 from laser import subspace
 from laser.config import LaserConfig
-from laser.hooks import ActivationMethod, Packed, SiteAccount
-from laser.methods.projection import make_codes, never_pays, pays, squared_norm
+from laser.hooks import ActivationMethod, Packed, Reason, SiteAccount, tensor_bytes
+from laser.methods.projection import CosineSums, add_stored, make_codes, never_pays, pays, squared_norm
 from laser.report import SiteReport
 
 
 @dataclass
 class SiteState:
-    """Tracking state of one site: its basis, counters and the statistics of the current step.
+    """What LASER keeps of one site across steps (saved by :meth:`Compressor.state_dict`).
 
     Attributes:
         dim: width D of the site.
         basis: (D, k) fp32 orthonormal basis; ``None`` during the site's first step, whose activations
             are sampled to initialise it by a top-k SVD (each coded meanwhile against its own basis).
         low_steps: consecutive steps with fidelity under the threshold (``c`` in Algorithm 1).
-        expansions / resets: cumulative counts.
+        expansions / resets: cumulative counts (an expansion that added no column is not counted).
+        resets_in_a_row: resets since the site last reached its threshold.
         frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
-        fidelity: the last step's fidelity ``||Z||/||X||`` over all of its tensors.
-        rank_used: rank of the basis the current step's codes were made with.
-        tensors_last_step: admitted tensors the site saw in the last step; each is charged that share of
-            the basis when deciding break-even (one basis serves them all).
+        untracked: still under the threshold when a reset was due after ``max_resets`` resets in a row:
+            stored raw, no longer tracked.
+        fidelity: the last step's tracking fidelity ``||Z||/||X||`` over all of its coded tensors.
         nonfinite_steps: steps whose statistics were dropped because an activation was not finite.
-        casts: the basis cast to a matmul dtype for the current step (built once, shared by its records).
     """
 
     dim: int
@@ -39,33 +38,42 @@ class SiteState:
     low_steps: int = 0
     expansions: int = 0
     resets: int = 0
+    resets_in_a_row: int = 0
     frozen: bool = False
+    untracked: bool = False
     fidelity: float = 1.0
-    rank_used: int = 0
-    tensors_last_step: int = 1
     nonfinite_steps: int = 0
-    tensors: int = 0
+
+
+@dataclass
+class StepStats:
+    """What one site gathers during the current step; dropped after :meth:`Compressor.step`.
+
+    Attributes:
+        encoded: tensors stored as codes; the first of the step is charged the whole basis at break-even.
+        rank: rank of the basis this step's codes were made with.
+        casts: the basis cast to a matmul dtype (made once, shared by the step's records).
+        accumulator: ``M = sum X^T Z`` (D, k) fp32, for the power step.
+        tracked: fidelity sums of every tensor coded for tracking (the guard's refusals too).
+        stored: fidelity sums of what backward gets back (after int8 rounding).
+        sample, sample_keys: the step's uniform row sample (expansion and reset rows).
+    """
+
+    encoded: int = 0
+    rank: int = 0
     casts: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     accumulator: torch.Tensor | None = None
-    codes_sq: torch.Tensor | None = None
-    x_sq: torch.Tensor | None = None
+    tracked: CosineSums = field(default_factory=CosineSums)
+    stored: CosineSums = field(default_factory=CosineSums)
     sample: torch.Tensor | None = None
     sample_keys: torch.Tensor | None = None
 
-    def clear_step(self) -> None:
-        """Forget the current step's statistics."""
-        self.accumulator = self.codes_sq = self.x_sq = self.sample = self.sample_keys = None
-        self.casts = {}
-        if self.tensors:
-            self.tensors_last_step, self.tensors = self.tensors, 0
-
-    def basis_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """The basis in ``dtype``: itself for fp32, else a copy made once per step."""
-        if dtype == self.basis.dtype:
-            return self.basis
-        if dtype not in self.casts:
-            self.casts[dtype] = self.basis.to(dtype)
-        return self.casts[dtype]
+    def nbytes(self) -> int:
+        """LASER's own bytes for the site during the step: accumulator, row sample and keys, and the fp32
+        master basis where the codes were made with a cast copy (the copy is counted with the codes)."""
+        tensors = (self.accumulator, self.sample, self.sample_keys)
+        master = sum(4 * cast.numel() for cast in self.casts.values())
+        return master + sum(tensor_bytes(t) for t in tensors if t is not None)
 
 
 def matmul_dtype(dtype: torch.dtype, setting: str) -> torch.dtype:
@@ -73,19 +81,17 @@ def matmul_dtype(dtype: torch.dtype, setting: str) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 and setting == "auto" else torch.float32
 
 
-PERSISTED = ("dim", "basis", "low_steps", "expansions", "resets", "frozen", "fidelity", "rank_used",
-             "tensors_last_step", "nonfinite_steps")
-
-
 class Compressor(ActivationMethod):
     """Stores every admitted saved activation as codes ``Z = X Q`` against its site's basis ``Q``.
 
-    One basis per site (module path + width) is shared by all recursion steps and tracked across training
-    steps: during the forward each site accumulates ``M += X^T Z`` and the fidelity sums; :meth:`step`
-    then does one power-iteration step ``Q <- orth(M)`` when the step's fidelity ``||Z||/||X||`` reached
-    ``threshold``, otherwise expands the basis by ``growth`` orthogonalised sampled rows, and after
-    ``patience`` low steps resets it to the top-``rank`` SVD of sampled rows (Algorithm 1). Sites whose
-    codes would not beat break-even are stored raw and reported as fallbacks.
+    One basis per site (one activation stream: module path, op and width) is shared by all recursion steps
+    and tracked across training steps: during the forward each site accumulates ``M += X^T Z`` and the
+    fidelity sums; :meth:`step` then does one power-iteration step ``Q <- orth(M)`` when the step's
+    fidelity ``||Z||/||X||`` reached ``threshold``, otherwise expands the basis by ``growth`` orthogonalised
+    sampled rows, and after ``patience`` low steps resets it to the top-``rank`` SVD of sampled rows
+    (Algorithm 1). A site that is still low when a reset is due after ``max_resets`` resets in a row stops
+    being tracked. Storages whose codes would not beat break-even on the current step are stored raw; every
+    raw storage is reported with its reason.
 
     In steady state the forward never waits for the device under the ``"paper"`` policy: statistics stay on
     the device until :meth:`step`, and bf16 activations are projected with bf16 matmuls against a bf16 copy
@@ -109,35 +115,41 @@ class Compressor(ActivationMethod):
             raise TypeError(f"config must be a LaserConfig, got {type(config).__name__}")
         super().__init__(model, config)
         self.sites: dict[str, SiteState] = {}
+        self.stats: dict[str, StepStats] = {}
 
     # ------------------------------------------------------------------ forward
-    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+    def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
         state = self.sites.get(site)
         if state is None:
             state = self.sites[site] = SiteState(x.shape[1])
         if state.frozen:
-            return None
-        state.tensors += 1
+            return Reason.FROZEN
+        if state.untracked:
+            return Reason.UNTRACKED
+        stats = self.stats.get(site)
+        if stats is None:
+            stats = self.stats[site] = StepStats()
         if state.basis is None:
-            return self._encode_first_step(state, x)
+            return self._encode_first_step(stats, state, x)
         rank = state.basis.shape[1]
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
-            return None
+            return Reason.FROZEN
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
-        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 / state.tensors_last_step, compute):
-            return None
-        basis = state.basis_in(compute)  # (D, k)
+        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 if stats.encoded == 0 else 0.0, compute):
+            return Reason.BREAK_EVEN
+        basis = self._basis_in(state, stats, compute)  # (D, k)
         xc = x.to(basis.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
         codes = xc @ basis  # (N, k)
         x_sq, codes_sq = squared_norm(xc), squared_norm(codes)
-        self._accumulate(state, xc, codes, x_sq, codes_sq)
+        self._accumulate(state, stats, xc, codes)
+        stats.tracked.add(codes_sq, x_sq, codes_sq)
         if not self._guard_passes(codes_sq, x_sq):  # the only read of a device value during the forward
-            return None
-        return make_codes(codes, basis, x.dtype, cfg.quantize)
+            return Reason.GUARD
+        return self._store(stats, codes, basis, x, x_sq, codes_sq)
 
-    def _encode_first_step(self, state: SiteState, x: torch.Tensor) -> Packed | None:
+    def _encode_first_step(self, stats: StepStats, state: SiteState, x: torch.Tensor) -> Packed | str:
         """A site's first step: each tensor gets codes against its own top-k basis, rows are sampled for Q_0.
 
         Storing the first step raw would make it the step of peak memory, as high as without compression;
@@ -148,22 +160,38 @@ class Compressor(ActivationMethod):
         xf = x.float()  # (N, D); no copy for fp32 activations
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
-            return None  # never feed NaN/Inf into a basis
-        state.sample, state.sample_keys = subspace.sample_rows(
-            xf, cfg.reset_rows, self.generator, state.sample, state.sample_keys
-        )
+            return Reason.NONFINITE  # never feed NaN/Inf into a basis
+        self._sample(stats, xf, cfg.sample_size)
         rank = min(cfg.rank, state.dim)
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
-            return None
+            return Reason.FROZEN
         if not pays(x, rank, cfg.quantize, x.dtype):
-            return None
+            return Reason.BREAK_EVEN
         basis = subspace.top_k_basis(xf, rank, self.generator)  # (D, k), this tensor's own
         codes = xf @ basis
-        state.rank_used = rank
-        if not self._guard_passes(squared_norm(codes), x_sq):
-            return None
-        return make_codes(codes, basis, x.dtype, cfg.quantize)
+        codes_sq = squared_norm(codes)
+        stats.rank = rank
+        stats.tracked.add(codes_sq, x_sq, codes_sq)
+        if not self._guard_passes(codes_sq, x_sq):
+            return Reason.GUARD
+        return self._store(stats, codes, basis, x, x_sq, codes_sq)
+
+    def _store(self, stats: StepStats, codes: torch.Tensor, basis: torch.Tensor, x: torch.Tensor,
+               x_sq: torch.Tensor, codes_sq: torch.Tensor) -> Packed:
+        record = make_codes(codes, basis, x.dtype, self.config.quantize)
+        add_stored(stats.stored, x_sq, codes_sq, codes, record)
+        stats.encoded += 1
+        return record
+
+    @staticmethod
+    def _basis_in(state: SiteState, stats: StepStats, dtype: torch.dtype) -> torch.Tensor:
+        """The basis in ``dtype``: itself for fp32, else a copy made once per step."""
+        if dtype == state.basis.dtype:
+            return state.basis
+        if dtype not in stats.casts:
+            stats.casts[dtype] = state.basis.to(dtype)
+        return stats.casts[dtype]
 
     def _guard_passes(self, codes_sq: torch.Tensor, x_sq: torch.Tensor) -> bool:
         """Whether a tensor may be stored as codes: always under ``"paper"``; under ``"guarded"`` when its
@@ -171,30 +199,28 @@ class Compressor(ActivationMethod):
         cfg = self.config
         return cfg.policy != "guarded" or bool(codes_sq >= cfg.threshold**2 * x_sq)
 
-    def _accumulate(self, state: SiteState, x: torch.Tensor, codes: torch.Tensor,
-                    x_sq: torch.Tensor, codes_sq: torch.Tensor) -> None:
-        """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32), the fidelity sums, the row sample."""
+    def _accumulate(self, state: SiteState, stats: StepStats, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32) and the row sample."""
         cfg = self.config
-        state.rank_used = codes.shape[1]
+        stats.rank = codes.shape[1]
         rows, row_codes = x, codes
         if cfg.accumulate_stride > 1 and len(x) > cfg.accumulate_stride:
             # A random offset per tensor, so a row layout with a period dividing the stride (tokens of a
             # sequence) is still covered across the step's tensors.
             start = int(torch.randint(cfg.accumulate_stride, (), generator=self.generator))
             rows, row_codes = x[start :: cfg.accumulate_stride], codes[start :: cfg.accumulate_stride]
-        if state.accumulator is None:
-            state.accumulator = (rows.T @ row_codes).float()  # (D, k)
-            state.x_sq, state.codes_sq = x_sq, codes_sq
-        else:
-            if rows.dtype == torch.float32:
-                state.accumulator.addmm_(rows.T, row_codes)
-            else:  # bf16 product (fp32 inside the matmul), summed across tensors in fp32
-                state.accumulator.add_(rows.T @ row_codes)
-            state.x_sq, state.codes_sq = state.x_sq + x_sq, state.codes_sq + codes_sq
+        if stats.accumulator is None:
+            stats.accumulator = (rows.T @ row_codes).float()  # (D, k)
+        elif rows.dtype == torch.float32:
+            stats.accumulator.addmm_(rows.T, row_codes)
+        else:  # bf16 product (fp32 inside the matmul), summed across tensors in fp32
+            stats.accumulator.add_(rows.T @ row_codes)
         reset_possible = state.low_steps >= cfg.patience - 1
-        capacity = cfg.reset_rows if reset_possible or cfg.power_iters > 1 else cfg.growth
-        state.sample, state.sample_keys = subspace.sample_rows(
-            x, capacity, self.generator, state.sample, state.sample_keys
+        self._sample(stats, x, cfg.sample_size if reset_possible or cfg.power_iters > 1 else cfg.growth)
+
+    def _sample(self, stats: StepStats, x: torch.Tensor, capacity: int) -> None:
+        stats.sample, stats.sample_keys = subspace.sample_rows(
+            x, capacity, self.generator, stats.sample, stats.sample_keys
         )
 
     # ------------------------------------------------------------- between steps
@@ -202,98 +228,130 @@ class Compressor(ActivationMethod):
         cfg = self.config
         if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._synchronize()
-        for state in self.sites.values():
-            self._update_site(state)
-            state.clear_step()
+        for site, state in self.sites.items():
+            stats = self.stats.get(site)
+            if stats is not None and not state.frozen and not state.untracked:
+                self._update_site(state, stats)
 
-    def _update_site(self, state: SiteState) -> None:
+    def clear_step(self) -> None:
+        self.stats = {}
+
+    def _update_site(self, state: SiteState, stats: StepStats) -> None:
         """Algorithm 1 for one site: initialise, or power step / expand / reset by the step's fidelity."""
         cfg = self.config
         if state.basis is None:
-            if state.sample is not None:
-                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
+            if stats.sample is not None:
+                state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.generator)
             return
-        if state.accumulator is None:
+        if stats.accumulator is None:
             return
-        if not torch.isfinite(state.x_sq + state.codes_sq):
+        if not stats.tracked.finite():
             state.nonfinite_steps += 1  # NaN/Inf reached the statistics: keep the basis as it is
             return
-        state.fidelity = float(subspace.fidelity(state.codes_sq, state.x_sq))
+        state.fidelity = stats.tracked.cosine()
         if state.fidelity >= cfg.threshold:
-            basis = subspace.power_step(state.accumulator)
+            basis = subspace.power_step(stats.accumulator)
             for _ in range(cfg.power_iters - 1):
-                basis = subspace.power_step(state.sample.T @ (state.sample @ basis))
-            state.basis, state.low_steps = basis, 0
+                basis = subspace.power_step(stats.sample.T @ (stats.sample @ basis))
+            state.basis, state.low_steps, state.resets_in_a_row = basis, 0, 0
+            return
+        state.low_steps += 1
+        if state.low_steps < cfg.patience:
+            rows = subspace.top_rows(stats.sample, stats.sample_keys, cfg.growth)
+            grown = subspace.expand(state.basis, rows, cfg.rank_ceiling)
+            state.expansions += grown.shape[1] > state.basis.shape[1]
+            state.basis = grown
+        elif state.resets_in_a_row >= cfg.max_resets:
+            state.untracked = True
         else:
-            state.low_steps += 1
-            if state.low_steps >= cfg.patience:
-                state.basis = subspace.top_k_basis(state.sample, cfg.rank, self.generator)
-                state.low_steps = 0
-                state.resets += 1
-            else:
-                rows = subspace.top_rows(state.sample, state.sample_keys, cfg.growth)
-                state.basis = subspace.expand(state.basis, rows, cfg.max_rank)
-                state.expansions += 1
+            state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.generator)
+            state.low_steps = 0
+            state.resets += 1
+            state.resets_in_a_row += 1
 
     def _synchronize(self) -> None:
         """Make every rank see the statistics of all ranks, so all make the same basis update.
 
-        Accumulators and fidelity sums are all-reduced; row samples are all-gathered and the rows with the
-        largest keys kept, which is again a uniform sample of the union. Sites are visited in name order;
-        a rank that saw nothing at a site contributes zeros.
+        Ranks first agree on the set of sites (a rank may have seen a site another has not: a smaller last
+        batch, a data-dependent branch) and on which are no longer tracked, so every collective below is
+        called by all ranks alike. Accumulators and fidelity sums are then all-reduced; row samples are
+        all-gathered and the rows with the largest keys kept, which is again a uniform sample of the union.
+        Sites are visited in name order; a rank that saw nothing at a site contributes zeros.
         """
+        self._agree_on_sites()
         for name in sorted(self.sites):
             state = self.sites[name]
-            if state.frozen:
+            if state.frozen or state.untracked:
                 continue
+            stats = self.stats.get(name) or StepStats()
             if state.basis is None:
-                device = state.sample.device if state.sample is not None else torch.device("cpu")
-                state.sample, state.sample_keys = self._gather_sample(state, state.dim, device)
+                device = stats.sample.device if stats.sample is not None else torch.device("cpu")
+                stats.sample, stats.sample_keys = self._gather_sample(state, stats, state.dim, device)
+                self.stats[name] = stats
                 continue
             d, k = state.basis.shape
             device = state.basis.device
-            stats = torch.zeros(d * k + 2, device=device)
-            if state.accumulator is not None:
-                stats = torch.cat([state.accumulator.flatten(), state.x_sq.view(1), state.codes_sq.view(1)])
-            dist.all_reduce(stats)
-            if stats[-2] == 0:
-                state.clear_step()
+            sums = stats.tracked
+            values = torch.zeros(d * k + 2, device=device)
+            if stats.accumulator is not None:
+                values = torch.cat([stats.accumulator.flatten(), sums.x_sq.view(1), sums.y_sq.view(1)])
+            dist.all_reduce(values)
+            if values[-2] == 0:
+                self.stats.pop(name, None)
                 continue
-            state.accumulator, state.x_sq, state.codes_sq = stats[:-2].view(d, k), stats[-2], stats[-1]
-            state.sample, state.sample_keys = self._gather_sample(state, d, device)
+            stats.accumulator = values[:-2].view(d, k)
+            stats.tracked = CosineSums()
+            stats.tracked.add(values[-1], values[-2], values[-1])
+            stats.sample, stats.sample_keys = self._gather_sample(state, stats, d, device)
+            self.stats[name] = stats
 
-    def _gather_sample(self, state: SiteState, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        capacity = self.config.reset_rows
+    def _agree_on_sites(self) -> None:
+        """Every rank learns every site any rank has, and a site no longer tracked anywhere stops everywhere."""
+        mine = {name: (s.dim, s.frozen, s.untracked) for name, s in self.sites.items()}
+        everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, mine)
+        for theirs in everyone:
+            for name, (dim, frozen, untracked) in theirs.items():
+                state = self.sites.get(name)
+                if state is None:
+                    state = self.sites[name] = SiteState(dim)
+                state.frozen |= frozen
+                state.untracked |= untracked
+
+    def _gather_sample(self, state: SiteState, stats: StepStats, dim: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        capacity = self.config.sample_size
         rows = torch.zeros(capacity, dim, device=device)
         # -1: an empty slot, never selected over a real row
         keys = torch.full((capacity,), -1.0, dtype=torch.float64, device=device)
-        if state.sample is not None:
-            rows[: len(state.sample)] = state.sample
-            keys[: len(state.sample)] = state.sample_keys.to(device)
+        if stats.sample is not None:
+            rows[: len(stats.sample)] = stats.sample
+            keys[: len(stats.sample)] = stats.sample_keys.to(device)
         world = dist.get_world_size()
         all_rows = [torch.empty_like(rows) for _ in range(world)]
         all_keys = [torch.empty_like(keys) for _ in range(world)]
         dist.all_gather(all_rows, rows)
         dist.all_gather(all_keys, keys)
         rows, keys = torch.cat(all_rows), torch.cat(all_keys).cpu()
-        sampled = 0 if state.sample is None else len(state.sample)
-        # the capacity this step sampled with: growth rows, or reset_rows at initialisation / before a reset
-        keep = self.config.reset_rows if state.basis is None or sampled > self.config.growth else self.config.growth
+        sampled = 0 if stats.sample is None else len(stats.sample)
+        # the capacity this step sampled with: growth rows, or the reset sample at initialisation / before a reset
+        keep = capacity if state.basis is None or sampled > self.config.growth else self.config.growth
         top = torch.topk(keys, min(keep, int((keys >= 0).sum()))).indices
         return rows[top.to(device)], keys[top]
 
     # ------------------------------------------------------------------ report
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         state = self.sites.get(site)
-        if state is None or state.basis is None:
+        stats = self.stats.get(site)
+        if state is None or stats is None:
             return super().site_row(site, account)
-        rank = state.rank_used or state.basis.shape[1]
-        fidelity = 1.0 if state.frozen else state.fidelity
-        return SiteReport(site, account.dim, rank, fidelity, account.raw_bytes, account.stored_bytes,
-                          account.tensors, state.expansions, state.resets, account.fallbacks)
+        state_bytes = stats.nbytes()
+        return SiteReport(site, account.dim, stats.rank or account.dim, stats.stored.cosine(), account.raw_bytes,
+                          account.stored_bytes + state_bytes, account.tensors, state.expansions, state.resets,
+                          account.fallbacks, dict(account.reasons), state_bytes)
 
     def extra_state(self) -> dict:
-        return {site: {k: getattr(s, k) for k in PERSISTED} for site, s in self.sites.items()}
+        return {site: dict(vars(s)) for site, s in self.sites.items()}
 
     def load_extra_state(self, state: dict) -> None:
         self.sites = {site: SiteState(**fields) for site, fields in state.items()}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from laser.config import ProjectionConfig, SiteFilter
-from laser.hooks import ActivationMethod, Packed, SiteAccount, autocast_off, tensor_bytes
+from laser.hooks import ActivationMethod, Packed, Reason, SiteAccount, autocast_off, tensor_bytes
 from laser.quant import dequantize_columns_int8, quantize_columns_int8
 from laser.report import SiteReport
 from laser.subspace import breaks_even
@@ -34,14 +34,67 @@ class LowRankCodes(Packed):
         super().__init__(nbytes, shared=(basis,))
         self.codes, self.basis, self.dtype, self.scales = codes, basis, dtype, scales
 
+    def stored_codes(self, dtype: torch.dtype) -> torch.Tensor:
+        """The codes as backward will see them (dequantized, cast) in ``dtype``: (N, k)."""
+        if self.scales is None:
+            return self.codes.to(dtype)
+        return dequantize_columns_int8(self.codes, self.scales, dtype)
+
     def decode(self) -> torch.Tensor:
-        compute = self.basis.dtype
         with autocast_off(self.codes.device):
-            if self.scales is None:
-                codes = self.codes.to(compute)
-            else:
-                codes = dequantize_columns_int8(self.codes, self.scales, compute)
-            return (codes @ self.basis.T).to(self.dtype).reshape(-1)  # (N*D,)
+            return (self.stored_codes(self.basis.dtype) @ self.basis.T).to(self.dtype).reshape(-1)  # (N*D,)
+
+
+class CosineSums:
+    """Running sums ``<x, y>``, ``||x||^2``, ``||y||^2`` over a step's tensors at one site; the one fidelity sum.
+
+    The cosine between what a site saw and what backward gets back is ``dot / sqrt(x_sq * y_sq)``. For
+    codes against an orthonormal basis, ``<X, Z Q^T> = ||Z||^2``, so adding ``(codes_sq, x_sq, codes_sq)``
+    gives ``||Z|| / ||X||`` (Proposition 1). The sums are 0-d fp32 device tensors: adding never waits.
+    """
+
+    __slots__ = ("dot", "x_sq", "y_sq")
+
+    def __init__(self) -> None:
+        self.dot = self.x_sq = self.y_sq = None
+
+    def add(self, dot: torch.Tensor, x_sq: torch.Tensor, y_sq: torch.Tensor) -> None:
+        """Add one tensor's inner products."""
+        if self.x_sq is None:
+            self.dot, self.x_sq, self.y_sq = dot, x_sq, y_sq
+        else:
+            self.dot, self.x_sq, self.y_sq = self.dot + dot, self.x_sq + x_sq, self.y_sq + y_sq
+
+    def finite(self) -> bool:
+        """Whether every sum is finite (one read of a device value)."""
+        return self.x_sq is None or bool(torch.isfinite(self.dot + self.x_sq + self.y_sq))
+
+    def cosine(self) -> float:
+        """The cosine (1.0 with nothing added, or when both sides are zero; 0.0 when only one is)."""
+        if self.x_sq is None:
+            return 1.0
+        dot, x_sq, y_sq = torch.stack((self.dot, self.x_sq, self.y_sq)).tolist()
+        if x_sq == 0.0 or y_sq == 0.0:
+            return 1.0 if x_sq == y_sq else 0.0
+        return min(1.0, dot / (math.sqrt(x_sq) * math.sqrt(y_sq)))
+
+
+def stored_sums(codes: torch.Tensor, record: LowRankCodes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(<Z, Z_stored>, ||Z_stored||^2)`` where rounding (int8, a narrower dtype) changed the codes; else None."""
+    if record.scales is None and record.codes.dtype == codes.dtype:
+        return None
+    stored = record.stored_codes(torch.float32).reshape(-1)
+    return torch.dot(codes.float().reshape(-1), stored), torch.dot(stored, stored)
+
+
+def add_stored(sums: CosineSums, x_sq: torch.Tensor, codes_sq: torch.Tensor, codes: torch.Tensor,
+               record: LowRankCodes) -> None:
+    """Add one coded tensor to a site's sums of what backward gets back (after int8 or dtype rounding)."""
+    rounded = stored_sums(codes, record)
+    if rounded is None:
+        sums.add(codes_sq, x_sq, codes_sq)
+    else:
+        sums.add(rounded[0], x_sq, rounded[1])
 
 
 def squared_norm(x: torch.Tensor) -> torch.Tensor:
@@ -98,31 +151,26 @@ class MeasuredMethod(ActivationMethod):
 
     def __init__(self, model: nn.Module, config: SiteFilter) -> None:
         super().__init__(model, config)
-        self._sums: dict[str, torch.Tensor] = {}  # site -> (3,) fp32: <x, x_hat>, ||x||^2, ||x_hat||^2
+        self._sums: dict[str, CosineSums] = {}
         self._ranks: dict[str, int] = {}
 
-    def measure(self, site: str, dot: torch.Tensor, x_sq: torch.Tensor, x_hat_sq: torch.Tensor,
-                rank: int) -> None:
-        """Add one encoded tensor's inner products to its site's sums; ``rank`` is what the report shows."""
-        sums = torch.stack((dot, x_sq, x_hat_sq)).float()
-        self._sums[site] = self._sums[site] + sums if site in self._sums else sums
+    def sums(self, site: str, rank: int) -> CosineSums:
+        """The site's sums of the step, to add an encoded tensor to; ``rank`` is what the report shows."""
         self._ranks[site] = rank
+        if site not in self._sums:
+            self._sums[site] = CosineSums()
+        return self._sums[site]
 
     def fidelity(self, site: str) -> float:
         """Cosine between the step's activations at ``site`` and their reconstructions (1.0 if none)."""
-        if site not in self._sums:
-            return 1.0
-        dot, x_sq, x_hat_sq = self._sums[site].tolist()
-        if x_sq == 0.0 or x_hat_sq == 0.0:
-            return 1.0 if x_sq == x_hat_sq else 0.0
-        return dot / (math.sqrt(x_sq) * math.sqrt(x_hat_sq))
+        return self._sums[site].cosine() if site in self._sums else 1.0
 
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         return SiteReport(site, account.dim, self._ranks.get(site, account.dim), self.fidelity(site),
-                          account.raw_bytes, account.stored_bytes, account.tensors, fallbacks=account.fallbacks)
+                          account.raw_bytes, account.stored_bytes, account.tensors, fallbacks=account.fallbacks,
+                          reasons=dict(account.reasons))
 
-    def step(self) -> None:
-        super().step()
+    def clear_step(self) -> None:
         self._sums.clear()
         self._ranks.clear()
 
@@ -154,20 +202,19 @@ class FixedBasisMethod(MeasuredMethod):
         """The (D, k) orthonormal fp32 basis to encode ``x`` (N, D) fp32 at ``site`` with."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+    def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
         rank = min(cfg.rank, x.shape[1])
         if not pays(x, rank, cfg.quantize, x.dtype):
-            return None
+            return Reason.BREAK_EVEN
         xf = x.float()  # (N, D); no copy for fp32 activations
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
-            return None  # never build a basis from, or store codes of, NaN/Inf
+            return Reason.NONFINITE  # never build a basis from, or store codes of, NaN/Inf
         basis = self.basis(xf, site)  # (D, k)
         codes = xf @ basis  # (N, k) fp32
-        codes_sq = squared_norm(codes)
-        self.measure(site, codes_sq, x_sq, codes_sq, rank)
         record = make_codes(codes, basis, x.dtype, cfg.quantize)
+        add_stored(self.sums(site, rank), x_sq, squared_norm(codes), codes, record)
         if self.per_tensor_basis:
             # The basis lives and dies with this record: charge it here rather than once per site and step.
             record.nbytes += tensor_bytes(basis)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from laser.config import QuantConfig
-from laser.hooks import Packed, tensor_bytes
+from laser.hooks import Packed, Reason, tensor_bytes
 from laser.methods.projection import MeasuredMethod
 from laser.quant import GroupQuantized, dequantize_groups, quantize_groups
 
@@ -45,15 +45,15 @@ class QuantMethod(MeasuredMethod):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
         super().__init__(model, config)
 
-    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+    def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
         flat = x.float().reshape(-1)  # (N*D,); no copy for fp32 activations
         x_sq = torch.dot(flat, flat)
         if not torch.isfinite(x_sq):
-            return None  # a non-finite value would spoil its group's range
+            return Reason.NONFINITE  # a non-finite value would spoil its group's range
         quantized = quantize_groups(x, cfg.bits, cfg.group_size, cfg.stochastic, self.generator)
         if quantized.nbytes >= tensor_bytes(x):
-            return None
+            return Reason.BREAK_EVEN
         x_hat = dequantize_groups(quantized).float().reshape(-1)  # (N*D,)
-        self.measure(site, torch.dot(flat, x_hat), x_sq, torch.dot(x_hat, x_hat), x.shape[1])
+        self.sums(site, x.shape[1]).add(torch.dot(flat, x_hat), x_sq, torch.dot(x_hat, x_hat))
         return GroupQuantizedRecord(quantized)
