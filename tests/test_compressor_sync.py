@@ -41,3 +41,37 @@ def test_bases_identical_across_ranks_only_with_sync(tmp_path):
         assert torch.equal(basis, synced[1][name]), name
     unsynced = _bases(tmp_path, sync=False)
     assert any(not torch.equal(b, unsynced[1][n]) for n, b in unsynced[0].items())
+
+
+def _uneven_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Rank 1 takes a data-dependent branch (an extra site) on some steps and a smaller last batch."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    extra = nn.Linear(16, 16)
+    root = nn.ModuleDict({"model": model, "extra": extra})
+    cfg = laser.LaserConfig(rank=4, growth=2, max_rank=32, patience=2, min_numel=0, policy="paper")
+    comp = laser.Compressor(root, cfg)
+    data = torch.Generator().manual_seed(100 + rank)
+    for step in range(6):
+        rows = 64 if step < 5 or rank == 0 else 24
+        with comp:
+            h = model(torch.randn(rows, 16, generator=data))
+            if rank == 1 and step % 2 == 1:
+                h = torch.tanh(extra(h))
+            loss = h.square().mean()
+        loss.backward()
+        comp.step()
+    torch.save({name: state.basis for name, state in comp.sites.items()}, os.path.join(out, f"uneven{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_ranks_that_see_different_sites_agree_before_any_collective(tmp_path):
+    store = tmp_path / "store-uneven"
+    mp.start_processes(_uneven_worker, args=(2, str(store), str(tmp_path)), nprocs=2, start_method="spawn")
+    bases = [torch.load(tmp_path / f"uneven{r}.pt") for r in range(2)]
+    assert bases[0].keys() == bases[1].keys()
+    assert any(name.startswith("extra") for name in bases[0])  # the site only rank 1 produced
+    for name, basis in bases[0].items():
+        assert (basis is None and bases[1][name] is None) or torch.equal(basis, bases[1][name]), name

@@ -43,11 +43,11 @@ class MeasuredCompressor(Compressor):
         super().__init__(model, make_config("laser", **options))
         self.errors: dict[str, list[float]] = {}  # site -> [||X - X_hat||^2, ||X||^2]
 
-    def encode(self, x: Tensor, site: str) -> Packed | None:
+    def encode(self, x: Tensor, site: str) -> Packed | str:
         """Encode as LASER does and add the reconstruction error of ``x`` ``(N, D)`` to its site."""
         record = super().encode(x, site)
         xf = x.double()
-        error = 0.0 if record is None else (xf - record.decode().view(x.shape).double()).square().sum().item()
+        error = 0.0 if not isinstance(record, Packed) else (xf - record.decode().view(x.shape).double()).square().sum().item()
         sums = self.errors.setdefault(site, [0.0, 0.0])
         sums[0] += error
         sums[1] += xf.square().sum().item()

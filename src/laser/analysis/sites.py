@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from laser.hooks import Reason
 from laser.report import Report, format_bytes
 
 
@@ -31,6 +32,11 @@ class SiteRow:
     overhead: bool
 
 
+# Reasons a method that may compress a site keeps its storages raw for their rank: codes plus basis would not
+# beat the raw bytes (this step, or for any batch).
+_PAST_BREAK_EVEN = frozenset({Reason.BREAK_EVEN, Reason.FROZEN})
+
+
 def site_table(report: Report) -> list[SiteRow]:
     """Rows of ``report`` with savings and share of total savings, largest raw bytes first.
 
@@ -51,7 +57,8 @@ def site_table(report: Report) -> list[SiteRow]:
             stored_bytes=row.stored_bytes,
             savings=row.savings,
             share=(row.raw_bytes - row.stored_bytes) / saved,
-            overhead=row.stored_bytes > row.raw_bytes or (row.fallbacks > 0 and row.stored_bytes >= row.raw_bytes),
+            overhead=row.stored_bytes > row.raw_bytes
+            or (not _PAST_BREAK_EVEN.isdisjoint(row.reasons) and row.stored_bytes >= row.raw_bytes),
         )
         for row in report.sites
     ]

@@ -116,6 +116,9 @@ class Compressor(ActivationMethod):
         super().__init__(model, config)
         self.sites: dict[str, SiteState] = {}
         self.stats: dict[str, StepStats] = {}
+        # Draws of the basis updates (random completions, randomized SVDs) come from their own generator:
+        # every data-parallel rank makes the same updates in the same order, whatever its own data drew.
+        self.update_generator = torch.Generator().manual_seed(config.seed + 1)
 
     # ------------------------------------------------------------------ forward
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
@@ -161,7 +164,7 @@ class Compressor(ActivationMethod):
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return Reason.NONFINITE  # never feed NaN/Inf into a basis
-        self._sample(stats, xf, cfg.sample_size)
+        self._sample(state, stats, xf)
         rank = min(cfg.rank, state.dim)
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
@@ -215,12 +218,20 @@ class Compressor(ActivationMethod):
             stats.accumulator.addmm_(rows.T, row_codes)
         else:  # bf16 product (fp32 inside the matmul), summed across tensors in fp32
             stats.accumulator.add_(rows.T @ row_codes)
-        reset_possible = state.low_steps >= cfg.patience - 1
-        self._sample(stats, x, cfg.sample_size if reset_possible or cfg.power_iters > 1 else cfg.growth)
+        self._sample(state, stats, x)
 
-    def _sample(self, stats: StepStats, x: torch.Tensor, capacity: int) -> None:
+    def _sample_capacity(self, state: SiteState) -> int:
+        """Rows a site samples this step: enough for a reset SVD at initialisation, when a reset may be due,
+        or for further power steps; else the ``growth`` rows an expansion takes. A function of the site's
+        synchronised state, so every data-parallel rank keeps the same number."""
+        cfg = self.config
+        if state.basis is None or state.low_steps >= cfg.patience - 1 or cfg.power_iters > 1:
+            return cfg.sample_size
+        return cfg.growth
+
+    def _sample(self, state: SiteState, stats: StepStats, x: torch.Tensor) -> None:
         stats.sample, stats.sample_keys = subspace.sample_rows(
-            x, capacity, self.generator, stats.sample, stats.sample_keys
+            x, self._sample_capacity(state), self.generator, stats.sample, stats.sample_keys
         )
 
     # ------------------------------------------------------------- between steps
@@ -241,7 +252,7 @@ class Compressor(ActivationMethod):
         cfg = self.config
         if state.basis is None:
             if stats.sample is not None:
-                state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.generator)
+                state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.update_generator)
             return
         if stats.accumulator is None:
             return
@@ -264,7 +275,7 @@ class Compressor(ActivationMethod):
         elif state.resets_in_a_row >= cfg.max_resets:
             state.untracked = True
         else:
-            state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.generator)
+            state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.update_generator)
             state.low_steps = 0
             state.resets += 1
             state.resets_in_a_row += 1
@@ -333,10 +344,7 @@ class Compressor(ActivationMethod):
         dist.all_gather(all_rows, rows)
         dist.all_gather(all_keys, keys)
         rows, keys = torch.cat(all_rows), torch.cat(all_keys).cpu()
-        sampled = 0 if stats.sample is None else len(stats.sample)
-        # the capacity this step sampled with: growth rows, or the reset sample at initialisation / before a reset
-        keep = capacity if state.basis is None or sampled > self.config.growth else self.config.growth
-        top = torch.topk(keys, min(keep, int((keys >= 0).sum()))).indices
+        top = torch.topk(keys, min(self._sample_capacity(state), int((keys >= 0).sum()))).indices
         return rows[top.to(device)], keys[top]
 
     # ------------------------------------------------------------------ report
@@ -351,7 +359,9 @@ class Compressor(ActivationMethod):
                           account.fallbacks, dict(account.reasons), state_bytes)
 
     def extra_state(self) -> dict:
-        return {site: dict(vars(s)) for site, s in self.sites.items()}
+        return {"sites": {site: dict(vars(s)) for site, s in self.sites.items()},
+                "update_generator": self.update_generator.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.sites = {site: SiteState(**fields) for site, fields in state.items()}
+        self.sites = {site: SiteState(**fields) for site, fields in state["sites"].items()}
+        self.update_generator.set_state(state["update_generator"])
