@@ -260,9 +260,9 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert whole.method.state_dict()["extra"].keys() == second.method.state_dict()["extra"].keys()
-    for site, state in whole.method.state_dict()["extra"].items():
-        assert torch.equal(state["basis"], second.method.state_dict()["extra"][site]["basis"]), site
+    assert whole.method.state_dict()["extra"]["sites"].keys() == second.method.state_dict()["extra"]["sites"].keys()
+    for site, state in whole.method.state_dict()["extra"]["sites"].items():
+        assert torch.equal(state["basis"], second.method.state_dict()["extra"]["sites"][site]["basis"]), site
     assert whole.result()["final"] == second.result()["final"]
     lines = [json.loads(s) for s in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     whole_lines = [json.loads(s) for s in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
@@ -357,8 +357,8 @@ def test_gradient_probe_is_exact_without_compression_and_not_with_it():
     assert all(-1 <= c <= 1 for c in probe["sites"].values())
     after = lossy.method.state_dict()  # the running method is untouched by the probes
     assert before["steps"] == after["steps"]
-    for site in before["extra"]:
-        assert torch.equal(before["extra"][site]["basis"], after["extra"][site]["basis"])
+    for site in before["extra"]["sites"]:
+        assert torch.equal(before["extra"]["sites"][site]["basis"], after["extra"]["sites"][site]["basis"])
 
 
 def test_paper_preset_trains_one_step_on_cpu_with_batch_1():
