@@ -14,10 +14,10 @@ from torch import nn
 
 from laser.analysis.analyze import REPORT_NAME, analyze, check_claims, register
 from laser.analysis.collect import ActivationRecorder, collect_activations, main_sites, oracle_fidelity
-from laser.analysis.depth import depth_scaling, linear_fit
+from laser.analysis.depth import depth_scaling, linear_fit, measure_depth
 from laser.analysis.gradients import glob_literal, gradient_fidelity, parameter_gradient
 from laser.analysis.sites import format_site_table, site_table
-from laser.config import NoneConfig
+from laser.config import LaserConfig, NoneConfig
 from laser.report import Report, SiteReport
 
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -111,27 +111,33 @@ def test_recorder_recovers_rank_of_low_rank_activations():
     model = LinearLoop(steps)
     x = low_rank(B, D, rank=3) * 10
     acts, by_step = collect_activations(model, [x, x.clone()], lambda m, b: m(b), max_rows=10_000, per_step=True)
-    assert list(acts) == ["lin:32"]
-    assert acts["lin:32"].shape == (2 * steps * B, D)  # two batches, four linear inputs of B rows each
+    # Two streams into the one linear: the model's input (step 0, no history) and the linear's own outputs.
+    assert list(acts) == ["lin/input:32", "lin/mm:32"]
+    assert acts["lin/input:32"].shape == (2 * B, D)  # two batches, one input of B rows each
+    assert acts["lin/mm:32"].shape == (2 * (steps - 1) * B, D)  # two batches, three linear outputs each
     # Step j saves h_j = x (W^T)^j: rank 3 in a subspace of its own, so the pool has rank 3 * steps.
-    assert numerical_rank(acts["lin:32"]) == 3 * steps
+    assert numerical_rank(torch.cat([acts["lin/input:32"], acts["lin/mm:32"]])) == 3 * steps
+    assert numerical_rank(acts["lin/mm:32"]) == 3 * (steps - 1)
+    assert list(by_step["lin/input:32"]) == [0]
+    assert list(by_step["lin/mm:32"]) == list(range(1, steps))
+    per_step = {**by_step["lin/input:32"], **by_step["lin/mm:32"]}
     h = x.double()
     weight = model.lin.weight.detach().double()
-    for rows in by_step["lin:32"].values():
+    for step in range(steps):
+        rows = per_step[step]
         assert rows.shape == (2 * B, D)
         assert numerical_rank(rows) == 3
         torch.testing.assert_close(rows.double().sum(0), 2 * h.sum(0), rtol=1e-4, atol=1e-3)
         h = h @ weight.T
-    assert list(by_step["lin:32"]) == list(range(steps))
 
 
 def test_recorder_sample_is_bounded_and_seeded():
     torch.manual_seed(0)
     model = LinearLoop(steps=3)
     x = torch.randn(B, D)
-    first = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=7)["lin:32"]
-    again = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=7)["lin:32"]
-    other = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=8)["lin:32"]
+    first = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=7)["lin/mm:32"]  # 2B rows seen
+    again = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=7)["lin/mm:32"]
+    other = collect_activations(model, [x], lambda m, b: m(b), max_rows=50, seed=8)["lin/mm:32"]
     assert first.shape == (50, D)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
@@ -146,23 +152,29 @@ def test_per_step_indices_count_recursion_steps_of_weight_tied_block():
     with recorder:
         model(x)
     by_step = recorder.step_activations()
-    assert sorted(by_step) == ["block.lin:32", "block:32"]
+    # The linear's input is the no-grad calls' output (no history) at step 0, the previous call's product after.
+    assert sorted(by_step) == ["block.lin/input:32", "block.lin/mul:32", "block/sigmoid:32", "block/tanh:32"]
     # The no-grad calls save nothing and do not count: grad steps are 0..steps-1.
-    assert list(by_step["block.lin:32"]) == list(range(steps))
-    assert list(by_step["block:32"]) == list(range(steps))
-    # Per call: one linear input (B rows) and two block outputs, tanh's and sigmoid's (2B rows).
-    assert all(rows.shape == (B, D) for rows in by_step["block.lin:32"].values())
-    assert all(rows.shape == (2 * B, D) for rows in by_step["block:32"].values())
-    assert recorder.rows_seen == {"block.lin:32": steps * B, "block:32": 2 * steps * B}
+    assert list(by_step["block.lin/input:32"]) == [0]
+    assert list(by_step["block.lin/mul:32"]) == list(range(1, steps))
+    assert list(by_step["block/tanh:32"]) == list(range(steps))
+    assert list(by_step["block/sigmoid:32"]) == list(range(steps))
+    # Per call: one linear input, tanh's output and sigmoid's output, B rows each.
+    assert all(rows.shape == (B, D) for steps_ in by_step.values() for rows in steps_.values())
+    assert recorder.rows_seen == {"block.lin/input:32": B, "block.lin/mul:32": (steps - 1) * B,
+                                  "block/tanh:32": steps * B, "block/sigmoid:32": steps * B}
     # Step 0's linear input is the block's input after the two no-grad calls.
     h = x
     with torch.no_grad():
         for _ in range(warm):
             h = model.block(h)
-    torch.testing.assert_close(by_step["block.lin:32"][0].sum(0), h.sum(0))
+    torch.testing.assert_close(by_step["block.lin/input:32"][0].sum(0), h.sum(0))
     with recorder:  # a new forward starts counting again at step 0
         model(x)
-    assert list(recorder.step_activations()["block.lin:32"]) == list(range(steps))
+    again = recorder.step_activations()
+    assert list(again["block.lin/input:32"]) == [0]
+    assert list(again["block.lin/mul:32"]) == list(range(1, steps))
+    assert list(again["block/tanh:32"]) == list(range(steps))
     recorder.remove()
 
 
@@ -194,14 +206,15 @@ def test_recorder_never_records_parameters_or_buffers():
     assert rows.shape == (2 * B, D)
     parameter_rows = torch.cat([model.lin.weight, model.lin.weight.T, model.scale[None], model.offset[None]])
     assert not any(torch.equal(row, p) for row in rows for p in parameter_rows)
-    torch.testing.assert_close(acts["lin:32"].sum(0), x.sum(0))
+    assert sorted(acts) == ["WithParameters/mm:32", "lin/input:32"]
+    torch.testing.assert_close(acts["lin/input:32"].sum(0), x.sum(0))
     assert model.scale.grad is not None  # training was unchanged
 
 
 def test_main_sites_picks_widest_site_per_kind():
-    sites = ["blocks.0.attn:192", "blocks.0.attn.qkv:64", "blocks.0.mlp:512", "blocks.0.mlp.down:256",
-             "head:64", "blocks.0:64", "mlp_like.attnx:999"]
-    assert main_sites(sites) == {"mlp": "blocks.0.mlp:512", "attn": "blocks.0.attn:192"}
+    sites = ["blocks.0.attn/addmm:192", "blocks.0.attn.qkv/mul:64", "blocks.0.mlp/mm:512", "blocks.0.mlp/mul:256",
+             "blocks.0.mlp.down/silu:256", "head/add:64", "blocks.0/add:64", "mlp_like.attnx/mm:999"]
+    assert main_sites(sites) == {"mlp": "blocks.0.mlp/mm:512", "attn": "blocks.0.attn/addmm:192"}
 
 
 def test_oracle_fidelity_is_exact_at_the_true_rank_and_skips_ranks_that_do_not_compress():
@@ -240,7 +253,8 @@ def test_gradient_fidelity_is_one_at_rank_of_activations():
     batches = [low_rank(B, D, rank=3, seed=s) * 10 for s in range(2)]
     exact = parameter_gradient(model, batches, square_loss)
     result = gradient_fidelity(model, batches, square_loss, rank=4, max_rank=4, policy="paper")
-    assert {s.site for s in result.sites} == {"lin1:32", "lin2:32"}  # the loss outside the model stays raw
+    # lin1 saves the model's input, lin2 lin1's output; the loss outside the model stays raw
+    assert {s.site for s in result.sites} == {"lin1/input:32", "lin2/mm:32"}
     assert result.model_cosine == pytest.approx(1.0, abs=1e-6)
     assert result.model_relative_grad_error < 1e-4
     for row in result.sites:
@@ -259,8 +273,8 @@ def test_gradient_fidelity_drops_below_one_at_a_tiny_rank():
     result = gradient_fidelity(model, batches, square_loss, rank=1, max_rank=1, policy="paper")
     rows = {s.site: s for s in result.sites}
     # Three equal singular values: any rank-1 projection inside the row space keeps 1/3 of the energy.
-    assert rows["lin1:32"].relative_error == pytest.approx(math.sqrt(2 / 3), abs=1e-3)
-    assert rows["lin1:32"].fidelity == pytest.approx(math.sqrt(1 / 3), abs=1e-3)
+    assert rows["lin1/input:32"].relative_error == pytest.approx(math.sqrt(2 / 3), abs=1e-3)
+    assert rows["lin1/input:32"].fidelity == pytest.approx(math.sqrt(1 / 3), abs=1e-3)
     assert all(s.cosine < 0.999 for s in result.sites)
     assert result.model_cosine < 0.999
     assert result.model_relative_error > 0.5
@@ -282,14 +296,24 @@ def test_depth_scaling_bytes_by_hand():
     k, depths = 4, (2, 4, 8)
     x = torch.randn(B, D)
     result = depth_scaling(model_at_depth, x, square_loss, depths=depths, rank=k, policy="paper", threshold=0.01)
+    # LASER's own state per site and step (threshold 0.01: no step is low, so no reset is due and the step
+    # samples `growth` rows): the D x k fp32 X^T Z accumulator, the fp32 row sample and its fp64 keys.
+    growth = LaserConfig().growth
+    state = D * k * 4 + growth * D * 4 + growth * 8
     for point in result.points:
         n = point.depth
         # Kept: the input x and every step's tanh output, B x D fp32 each.
         assert point.baseline_bytes == (n + 1) * B * D * 4
-        # LASER: B x k fp32 codes per storage, plus one D x k fp32 basis at each of its two sites (x is saved
-        # inside `lin`, every tanh output at the model's top level).
-        assert point.laser_basis_bytes == 2 * D * k * 4
-        assert point.laser_bytes == (n + 1) * B * k * 4 + 2 * D * k * 4
+        # LASER: B x k fp32 codes per storage, plus one D x k fp32 basis and the state at each of its two sites
+        # (x is saved inside `lin`, every tanh output at the model's top level).
+        assert point.laser_basis_bytes == 2 * D * k * 4 + 2 * state  # constant in depth: bases and state
+        assert point.laser_bytes == (n + 1) * B * k * 4 + 2 * D * k * 4 + 2 * state
+        assert point.ranks == {"lin/input:32": k, "TanhLoop/tanh:32": k}
+    _, report = measure_depth(model_at_depth(2), x, square_loss, rank=k, policy="paper", threshold=0.01)
+    assert {row.name: (row.tensors, row.stored_bytes - row.state_bytes, row.state_bytes) for row in report.sites} == {
+        "lin/input:32": (1, B * k * 4 + D * k * 4, state),
+        "TanhLoop/tanh:32": (2, 2 * B * k * 4 + D * k * 4, state),
+    }
     assert result.baseline_fit.slope == pytest.approx(B * D * 4)
     assert result.baseline_fit.r2 == pytest.approx(1.0)
     assert result.slope_ratio == pytest.approx(k / D)
@@ -320,13 +344,16 @@ def test_site_table_by_hand():
     report = Report([
         SiteReport("a.mlp:512", 512, 32, 0.99, raw_bytes=1000, stored_bytes=100),
         SiteReport("a.attn:192", 192, 32, 0.98, raw_bytes=500, stored_bytes=250),
-        SiteReport("a:64", 64, 64, 1.0, raw_bytes=100, stored_bytes=100, tensors=2, fallbacks=2),
+        SiteReport("a:64", 64, 64, 1.0, raw_bytes=100, stored_bytes=100, tensors=2, fallbacks=2,
+                   reasons={"break-even": 1, "frozen": 1}),
+        SiteReport("b:8", 8, 8, 1.0, raw_bytes=50, stored_bytes=50, tensors=1, fallbacks=1, reasons={"too small": 1}),
     ], method="laser")
     rows = site_table(report)
-    assert [r.site for r in rows] == ["a.mlp:512", "a.attn:192", "a:64"]
-    assert [r.share for r in rows] == pytest.approx([900 / 1150, 250 / 1150, 0.0])
-    assert [r.savings for r in rows] == pytest.approx([0.9, 0.5, 0.0])
-    assert [r.overhead for r in rows] == [False, False, True]
+    assert [r.site for r in rows] == ["a.mlp:512", "a.attn:192", "a:64", "b:8"]
+    assert [r.share for r in rows] == pytest.approx([900 / 1150, 250 / 1150, 0.0, 0.0])
+    assert [r.savings for r in rows] == pytest.approx([0.9, 0.5, 0.0, 0.0])
+    # Kept raw past break-even is overhead; kept raw because never admitted (too small) is not.
+    assert [r.overhead for r in rows] == [False, False, True, False]
     table = format_site_table(rows)
     assert "0.0% (overhead)" in table and "90.0%" in table and "78.3%" in table
 
@@ -380,7 +407,7 @@ def test_analyze_writes_every_section(tiny_run, tmp_path):
     assert f"solves {100 * trivial:.1f}% of these mazes (the trivial rate)" in text
     verdicts = [c["held"] for c in results["claims"]]
     assert len(verdicts) == 7 and all(v in (True, False, None) for v in verdicts)
-    assert results["spectra"]["main_sites"]["mlp"] == "blocks.0.mlp:512"  # gate_up output: 2 x 256
+    assert results["spectra"]["main_sites"]["mlp"] == "blocks.0.mlp/mm:512"  # gate_up output: 2 x 256
     point = results["depth"]["points"][0]
     assert point["baseline_bytes"] > point["laser_bytes"] > 0
 

@@ -255,8 +255,8 @@ def test_checkpointing_matches_and_saves_less():
 
 def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
     # The per-step inputs activation checkpointing keeps are saved at the model's own level; a training
-    # loop calling forward_carry must see them as the model's ("TRM:D"), which a compressor codes, not as
-    # tensors saved outside it (kept raw by model_only).
+    # loop calling forward_carry must see them as the model's ("TRM/<op>:D"), which a compressor codes, not
+    # as tensors saved outside it (kept raw by model_only).
     import laser
 
     torch.manual_seed(0)
@@ -270,9 +270,14 @@ def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
         loss.backward()
         comp.step()
     names = {s.name: s for s in comp.report().sites}
-    root = names[f"TRM:{cfg.hidden}"]
-    assert root.tensors >= cfg.L_cycles and root.stored_bytes < root.raw_bytes
-    assert f"<outside>:{cfg.hidden}" not in names
+    # Per net call checkpoint keeps (h, injection): y + x of each latent update, and each updated z (a block
+    # output, made by the final norm's product) as the next call's input; the starting carries are views of
+    # the model's buffers, never sites.
+    injections, latents = names[f"TRM/add:{cfg.hidden}"], names[f"TRM/mul:{cfg.hidden}"]
+    assert injections.tensors == latents.tensors == cfg.L_cycles
+    for root in (injections, latents):
+        assert root.fallbacks == 0 and root.stored_bytes < root.raw_bytes
+    assert not [name for name in names if name.startswith("<outside>/") and name.endswith(f":{cfg.hidden}")]
 
 
 def test_forward_carry_detaches_and_steps_train_separately():

@@ -443,3 +443,52 @@ def test_defaults_derive_from_rank_and_only_an_explicit_pair_fails():
         laser.LaserConfig(max_rank=100)
     with pytest.raises(ValueError, match="reset_rows=64 .*rank \\(128\\)"):
         laser.LaserConfig(reset_rows=64)
+
+
+def test_a_compiled_model_warns_what_its_site_names_lose():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    with pytest.warns(UserWarning, match="torch.compile graph"):
+        laser.Compressor(torch.compile(model, backend="eager"))
+    with pytest.warns(UserWarning, match="include/exclude patterns"):
+        laser.Compressor(nn.Sequential(torch.compile(nn.Linear(8, 8), backend="eager")))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        laser.Compressor(nn.Sequential(nn.Linear(8, 8)))  # an eager model: no warning
+
+
+def test_small_tensors_are_held_raw_until_their_step_pays_then_all_coded():
+    torch.manual_seed(0)
+    # one 24-row tensor (6 KiB) cannot pay for its codes (3 KiB) and a 64 x 32 basis and accumulator (16 KiB);
+    # six of them can: the first five wait, held raw, and are coded with the sixth
+    d, k, rows, steps = 64, 32, 24, 8
+    lin = nn.Linear(d, d)
+    model = nn.Module()
+    model.lin = lin
+    x = torch.randn(rows, 4) @ torch.randn(4, d)  # exactly rank 4: codes are exact once the basis holds it
+
+    def forward():
+        h = x
+        for _ in range(steps):
+            h = lin(h) * 0.0 + x  # each step's linear input is the same rank-4 stream
+        return h.square().sum()
+
+    twin = copy.deepcopy(lin)
+    comp = laser.Compressor(model, laser.LaserConfig(rank=k, min_numel=0, policy="paper"))
+    for _ in range(3):
+        lin.zero_grad()
+        with comp:
+            loss = forward()
+        loss.backward()
+        row = comp.report().site("lin/add:64")
+        comp.step()
+    assert row.tensors == steps - 1 and row.fallbacks == 0  # every one coded, the first five after the fact
+    assert not laser.methods.projection.pays(rows, d, k, None, torch.float32, laser.methods.laser.site_share(
+        torch.float32))
+    assert row.stored_bytes - row.state_bytes < row.raw_bytes
+    h = x
+    for _ in range(steps):
+        h = twin(h) * 0.0 + x
+    h.square().sum().backward()
+    assert (lin.weight.grad - twin.weight.grad).norm() <= 1e-4 * twin.weight.grad.norm()

@@ -70,6 +70,7 @@ class Reason:
     GUARD = "guard"  # its own fidelity was under the threshold (policy "guarded")
     NONFINITE = "non-finite"
     UNTRACKED = "untracked"  # the site never reached its threshold through max_resets resets
+    PENDING = "pending"  # not a reason: encode's answer "hold it raw, code it once the site's step pays"
 
 
 # ----------------------------------------------------------------------------------------- what saves
@@ -318,7 +319,7 @@ def check_version(alias: torch.Tensor, saved: int, size: torch.Size) -> None:
 
 
 class _Raw:
-    """What autograd holds for a tensor kept as it is: detached (no reference cycle) and its version."""
+    """What autograd holds for a weight: the tensor detached (no reference cycle) and its version."""
 
     __slots__ = ("tensor", "version")
 
@@ -326,23 +327,46 @@ class _Raw:
         self.tensor, self.version = tensor.detach(), tensor._version
 
 
-@dataclass
 class _Entry:
-    ref: StorageWeakRef
-    version: int
-    account: SiteAccount
-    record: Packed | None
-    probe: torch.Tensor | None = None
+    """One storage saved in the current forward: raw, coded, or pending (held raw until its site's step has
+    enough bytes to pay for the site's basis, then coded; see :data:`Reason.PENDING`)."""
+
+    __slots__ = ("ref", "version", "account", "record", "probe", "rows", "saved")
+
+    def __init__(self, tensor: torch.Tensor, account: SiteAccount) -> None:
+        self.ref, self.version, self.account = StorageWeakRef(tensor.untyped_storage()), tensor._version, account
+        self.record: Packed | None = None
+        self.probe: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # (N, D) over the storage while pending
+        self.saved: list[_Saved] = []  # views handed out while pending: their tensors go once it is coded
+
+    def code(self, record: Packed) -> None:
+        """Store the storage as ``record`` from now on; views saved while it was pending let go of it."""
+        self.record, self.probe = record, version_probe(self.rows)
+        record.views = len(self.saved)
+        for saved in self.saved:
+            saved.tensor = None
+        self.settle()
+
+    def settle(self) -> None:
+        """No longer pending (coded, or raw for good)."""
+        self.rows, self.saved = None, []
 
 
-class _View:
-    """What autograd holds for one saved view of an encoded storage: its record, version probe and layout."""
+class _Saved:
+    """What autograd holds for one saved view of an activation storage: the view itself (detached) while
+    the storage is raw, else the storage's record and the view's layout; the version it was saved at."""
 
-    __slots__ = ("record", "probe", "version", "size", "stride", "offset")
+    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset")
 
     def __init__(self, entry: _Entry, tensor: torch.Tensor) -> None:
-        self.record, self.probe, self.version = entry.record, entry.probe, entry.version
+        self.entry, self.version = entry, tensor._version
+        self.tensor = tensor.detach() if entry.record is None else None
         self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+        if entry.rows is not None:
+            entry.saved.append(self)
+        elif entry.record is not None:
+            entry.record.views += 1
 
 
 @dataclass
@@ -354,12 +378,20 @@ class SiteAccount:
     stored_bytes: int = 0
     tensors: int = 0
     reasons: Counter = field(default_factory=Counter)
+    pending: list = field(default_factory=list)  # entries held raw until the site's step pays for its basis
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def raw_reasons(self) -> dict[str, int]:
+        """Why storages were kept raw this step (pending ones count as break-even so far)."""
+        reasons = dict(self.reasons)
+        if self.pending:
+            reasons[Reason.BREAK_EVEN] = reasons.get(Reason.BREAK_EVEN, 0) + len(self.pending)
+        return reasons
 
     @property
     def fallbacks(self) -> int:
         """Storages kept raw this step, for any reason."""
-        return sum(self.reasons.values())
+        return sum(self.reasons.values()) + len(self.pending)
 
 
 def row_width(base: torch.Tensor, fold_to: int = 0) -> int:
@@ -433,11 +465,11 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         self._active = 0  # threads inside `with method:`
         self._live: dict[tuple, _Entry] = {}
         self._weight_storages: set[tuple] = set()
-        self._weight_shapes: set[tuple[int, ...]] = set()
+        self._weight_casts: dict[tuple[int, ...], set[torch.dtype]] = {}  # shape -> dtypes of weights
         self._accounts: dict[str, SiteAccount] = {}
         self._last: Report | None = None
         self._removed = False
-        self._warned_compiled = False
+        self._warn_if_compiled()
         self.seconds = {"encode": 0.0, "decode": 0.0, "update": 0.0}
 
     # ----------------------------------------------------------------- context
@@ -466,6 +498,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             with self._lock:
                 self._active -= 1
                 if self._active == 0:
+                    self._settle_pending()
                     self._live.clear()
 
     def active_in_thread(self) -> bool:
@@ -473,10 +506,13 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         return getattr(self._thread, "depth", 0) > 0
 
     def _remember_weights(self) -> None:
-        """Parameters and buffers by storage, and the shapes a copy of one may have (see :meth:`_is_weight`)."""
+        """Parameters and buffers by storage, and the shapes and dtypes of their casts (see :meth:`_is_weight`)."""
         tensors = list(chain(self.model.parameters(), self.model.buffers()))
         self._weight_storages = {_storage_key(t) for t in tensors}
-        self._weight_shapes = {tuple(t.shape) for t in tensors if t.dim() >= 1 and t.is_floating_point()}
+        self._weight_casts = {}
+        for t in tensors:
+            if t.dim() >= 1 and t.is_floating_point():
+                self._weight_casts.setdefault(tuple(t.shape), set()).add(t.dtype)
 
     # ------------------------------------------------------------------- hooks
     def _pack(self, tensor: torch.Tensor) -> object:
@@ -489,20 +525,17 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 start = time.perf_counter()
                 entry = self._live[key] = self._new_entry(tensor)
                 self.seconds["encode"] += time.perf_counter() - start
-            elif entry.record is not None and self._saver_kind() in (MASK, LOSS):
-                self._keep_raw_from_now(entry, tensor)
-            if entry.record is None:
-                return _Raw(tensor)
-            entry.record.views += 1
-        return _View(entry, tensor)
+            elif self._saver_kind() in (MASK, LOSS) and (entry.record is not None or entry.rows is not None):
+                return self._exact_view(entry, tensor)
+            return _Saved(entry, tensor)
 
-    def _unpack(self, packed: _Raw | _View) -> torch.Tensor:
-        if isinstance(packed, _Raw):
+    def _unpack(self, packed: _Raw | _Saved) -> torch.Tensor:
+        if packed.tensor is not None:
             check_version(packed.tensor, packed.version, packed.tensor.size())
             return packed.tensor
-        check_version(packed.probe, packed.version, packed.size)
+        check_version(packed.entry.probe, packed.version, packed.size)
         start = time.perf_counter()
-        flat = packed.record.decoded()
+        flat = packed.entry.record.decoded()
         self.seconds["decode"] += time.perf_counter() - start
         return flat.as_strided(packed.size, packed.stride, packed.offset)
 
@@ -510,29 +543,36 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         mode = getattr(self._thread, "mode", None)
         return mode.kind if mode is not None else None
 
-    def _keep_raw_from_now(self, entry: _Entry, tensor: torch.Tensor) -> None:
-        """A coded storage is saved again, now by a mask or loss op: it is held raw from here on.
+    def _exact_view(self, entry: _Entry, tensor: torch.Tensor) -> _Raw:
+        """A coded or pending storage saved again, now by a mask or loss op: this view is kept exact.
 
-        Views handed out before keep decoding from the codes (their backward reads values); this one and
-        later ones get the exact tensor, which stays alive, so the storage's bytes are counted again.
+        A pending storage stays raw for good. A coded one keeps its codes for the views handed out before
+        (their backward reads values); this view holds the tensor, which stays alive, so the storage's bytes
+        are counted again.
         """
-        kind = self._saver_kind()
-        entry.record = None
-        entry.account.stored_bytes += tensor.untyped_storage().nbytes()
-        entry.account.reasons[Reason.MASK if kind == MASK else Reason.LOSS] += 1
+        reason = Reason.MASK if self._saver_kind() == MASK else Reason.LOSS
+        account = entry.account
+        if entry.rows is not None:
+            account.pending.remove(entry)
+            entry.settle()
+        else:
+            account.stored_bytes += tensor.untyped_storage().nbytes()
+        account.reasons[reason] += 1
+        return _Raw(tensor)
 
     def _is_weight(self, tensor: torch.Tensor) -> bool:
         """Parameters and buffers, their views, gathered copies (FSDP) and casts are never activations.
 
         A cast made without grad (a frozen weight under autocast) has no autograd history: a saved tensor
-        without history whose shape is a parameter's or buffer's is taken for such a copy (kept raw either
-        way, so a mistake costs memory, never gradient).
+        without history with the shape of a parameter or buffer of another dtype is taken for such a copy
+        (kept raw either way, so a mistake costs memory, never gradient).
         """
         if _is_parameter(tensor) or _storage_key(tensor) in self._weight_storages:
             return True
         if tensor.grad_fn is None and not tensor.requires_grad:
             base = tensor._base if tensor._base is not None else tensor
-            return tuple(base.shape) in self._weight_shapes
+            dtypes = self._weight_casts.get(tuple(base.shape))
+            return dtypes is not None and base.dtype not in dtypes
         return False
 
     def _new_entry(self, tensor: torch.Tensor) -> _Entry:
@@ -540,8 +580,6 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         base = tensor._base if tensor._base is not None else tensor
         kind = self._saver_kind()
         op = producer(base)
-        if op == "compiledfunction":
-            self._warn_compiled()
         if kind is None and (op in _MASK_NODES):
             kind = MASK
         spatial = kind == SPATIAL or _SPATIAL_NODES.search(op) is not None
@@ -555,27 +593,61 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         storage_bytes = tensor.untyped_storage().nbytes()
         account.raw_bytes += storage_bytes
         account.tensors += 1
+        account.stored_bytes += storage_bytes
         reason = self._refusal(tensor, base, site, width, kind, storage_bytes)
-        record = None
+        record = result = rows = None
         if reason is None:
             numel = storage_bytes // tensor.element_size()
             rows = tensor.detach().as_strided((numel // width, width), (width, 1), 0)  # (N, D) over the storage
             with torch.no_grad(), autocast_off(rows.device):
                 result = self.encode(rows, site)
-            if isinstance(result, str):
-                reason = result
-            else:
+            if isinstance(result, Packed):
                 record = result
-        if record is None:
+            elif result is not Reason.PENDING:
+                reason = result
+        entry = _Entry(tensor, account)
+        if result is Reason.PENDING:
+            entry.rows = rows
+            account.pending.append(entry)
+        elif record is None:
             account.reasons[reason] += 1
-            account.stored_bytes += storage_bytes
-            return _Entry(StorageWeakRef(tensor.untyped_storage()), tensor._version, account, None)
-        account.stored_bytes += record.nbytes
+        else:
+            entry.rows = rows
+            entry.code(record)
+            self._charge(account, record, storage_bytes)
+            self._code_pending(site, account)
+        return entry
+
+    def _charge(self, account: SiteAccount, record: Packed, storage_bytes: int) -> None:
+        """Account a storage stored as ``record`` instead of raw (its record's bytes, shared tensors once)."""
+        account.stored_bytes += record.nbytes - storage_bytes
         for shared in record.shared:
             if id(shared) not in account.shared:
                 account.shared[id(shared)] = shared
                 account.stored_bytes += tensor_bytes(shared)
-        return _Entry(StorageWeakRef(tensor.untyped_storage()), tensor._version, account, record, version_probe(tensor))
+
+    def _code_pending(self, site: str, account: SiteAccount) -> None:
+        """The site's step now pays for its basis: encode the storages it held raw meanwhile."""
+        pending, account.pending = account.pending, []
+        for entry in pending:
+            with torch.no_grad(), autocast_off(entry.rows.device):
+                result = self.encode(entry.rows, site)
+            if isinstance(result, Packed):
+                storage_bytes = entry.rows.untyped_storage().nbytes()
+                entry.code(result)
+                self._charge(account, result, storage_bytes)
+            else:
+                account.reasons[Reason.BREAK_EVEN if result is Reason.PENDING else result] += 1
+                entry.settle()
+
+    def _settle_pending(self) -> None:
+        """End of a forward: storages still pending stay raw for this step (break-even)."""
+        for account in self._accounts.values():
+            if account.pending:
+                for entry in account.pending:
+                    entry.settle()
+                account.reasons[Reason.BREAK_EVEN] += len(account.pending)
+                account.pending = []
 
     def _refusal(self, tensor: torch.Tensor, base: torch.Tensor, site: str, width: int, kind: str | None,
                  storage_bytes: int) -> str | None:
@@ -595,23 +667,28 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             return Reason.EXCLUDED
         return None
 
-    def _warn_compiled(self) -> None:
-        if self._warned_compiled:
+    def _warn_if_compiled(self) -> None:
+        """Say once what site names lose where part of the model runs as a torch.compile graph."""
+        compiled = [name or type(m).__name__ for name, m in self.model.named_modules()
+                    if _is_compiled(m)]
+        if not compiled:
             return
-        self._warned_compiled = True
         warnings.warn(
-            f"{type(self).__name__}: tensors saved by a torch.compile graph are named by the module that ran "
-            "the compiled region and their order in it ('<module>/compiledfunction#n:<width>'): module hooks are "
-            "traced away, so include/exclude patterns on inner module names do not match, and recursion steps "
-            "unrolled inside the graph do not share a basis. Compile the block inside the loop "
-            "(torch.compile(block)) to keep one site per stream.",
-            stacklevel=4,
+            f"{type(self).__name__}: {', '.join(compiled[:3])}{' ...' if len(compiled) > 3 else ''} run(s) as a "
+            "torch.compile graph, which saves its tensors itself: module hooks inside it are traced away, so its "
+            "sites are named by the compiled module and their order in the graph ('<module>/input#n:<width>'), "
+            "include/exclude patterns on modules inside it do not match, and recursion steps unrolled inside "
+            "the graph do not share a basis. Compile the block the loop calls (torch.compile(block)) rather "
+            "than the loop to keep one site per stream across recursion steps.",
+            stacklevel=3,
         )
 
     # ------------------------------------------------------- for subclasses
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         """Encode one admitted storage viewed as ``x`` (N, D), or return the :class:`Reason` it stays raw.
 
+        :data:`Reason.PENDING` holds it raw for now: it is encoded again (the same call) as soon as a later
+        storage of the site in the same forward is encoded, and stays raw (break-even) if none is.
         Runs without grad and without autocast. The base method keeps everything raw.
         """
         return Reason.RAW
@@ -625,7 +702,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         """The report row of one site for the current step."""
         return SiteReport(site, account.dim, account.dim, 1.0, account.raw_bytes, account.stored_bytes,
-                          account.tensors, fallbacks=account.fallbacks, reasons=dict(account.reasons))
+                          account.tensors, fallbacks=account.fallbacks, reasons=account.raw_reasons())
 
     def extra_state(self) -> dict:
         """Method state beyond the common fields, for :meth:`state_dict`."""
@@ -691,6 +768,11 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             raise RuntimeError("remove() called inside `with method:`; leave the block first")
         self._namer.remove()
         self._removed = True
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
+    return type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from laser.analysis.gradients import load_compressor, parameter_gradient, warm_compressor
 from laser.methods import build
-from laser.report import Report
+from laser.report import Report, SiteReport
 
 DEPTHS = (4, 8, 16, 24, 48)
 BASIS_BYTES_PER_ELEMENT = 4  # LASER keeps bases in fp32
@@ -54,10 +54,15 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
     return LinearFit(intercept, slope, 1.0 - residual / total if total > 0 else 1.0)
 
 
+def coded(row: SiteReport) -> bool:
+    """Whether a site stored at least one storage as codes in its step."""
+    return row.fallbacks < row.tensors
+
+
 def basis_bytes(report: Report) -> int:
-    """Bytes of the fp32 bases of the sites that stored codes in ``report`` (stored below raw)."""
-    return sum(row.dim * row.rank * BASIS_BYTES_PER_ELEMENT for row in report.sites
-               if row.stored_bytes < row.raw_bytes)
+    """Bytes that do not grow with depth at the sites that stored codes: their fp32 bases and LASER's own
+    per-site state (accumulator, row sample)."""
+    return sum(row.dim * row.rank * BASIS_BYTES_PER_ELEMENT + row.state_bytes for row in report.sites if coded(row))
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class DepthPoint:
         depth: recursion depth ``n``.
         baseline_bytes: bytes autograd keeps without compression (the ``none`` method's report).
         laser_bytes: bytes kept with LASER after warm-up (codes, bases, raw fallbacks).
-        laser_basis_bytes: the part of ``laser_bytes`` that is bases.
+        laser_basis_bytes: the part of ``laser_bytes`` that does not grow with depth (bases, LASER's state).
         ranks: rank per site LASER stored codes with.
     """
 
@@ -149,7 +154,7 @@ def depth_scaling(
     points = []
     for n in depths:
         baseline, laser = measure_depth(model_at_depth(n), batch, loss_fn, warmup, state, **laser_options)
-        ranks = {row.name: row.rank for row in laser.sites if row.stored_bytes < row.raw_bytes}
+        ranks = {row.name: row.rank for row in laser.sites if coded(row)}
         points.append(DepthPoint(n, baseline.stored_bytes, laser.stored_bytes, basis_bytes(laser), ranks))
     predicted_full, predicted_laser = predict(points)
     return DepthScaling(

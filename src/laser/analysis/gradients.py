@@ -47,7 +47,9 @@ class MeasuredCompressor(Compressor):
         """Encode as LASER does and add the reconstruction error of ``x`` ``(N, D)`` to its site."""
         record = super().encode(x, site)
         xf = x.double()
-        error = 0.0 if not isinstance(record, Packed) else (xf - record.decode().view(x.shape).double()).square().sum().item()
+        error = 0.0
+        if isinstance(record, Packed):  # else a Reason: kept raw, seen exactly
+            error = (xf - record.decode().view(x.shape).double()).square().sum().item()
         sums = self.errors.setdefault(site, [0.0, 0.0])
         sums[0] += error
         sums[1] += xf.square().sum().item()
@@ -193,7 +195,7 @@ def gradient_fidelity(
     compressor ``state_dict``, e.g. the one a training run saved) or, without it, is warmed up for ``warmup``
     steps on ``warmup_batches`` (default: ``batches``). From that same state, the summed gradient over
     ``batches`` is measured with every site compressed and with only each of ``sites`` compressed
-    (default: every site whose stored bytes were below its raw bytes in the whole-model step).
+    (default: every site that stored codes, i.e. kept fewer storages raw than it saved, in the whole-model step).
     ``loss_fn(model, batch)`` returns a scalar loss.
     """
     if "include" in options:
@@ -208,7 +210,7 @@ def gradient_fidelity(
     whole_grad, whole = _probe(model, batches, loss_fn, state, **options)
     report = whole.report()
     if sites is None:
-        sites = [row.name for row in report.sites if row.stored_bytes < row.raw_bytes]
+        sites = [row.name for row in report.sites if row.fallbacks < row.tensors]
     known = {row.name: row for row in report.sites}
     unknown = [s for s in sites if s not in known]
     if unknown:
@@ -247,8 +249,8 @@ def rank_sweep(
         settings = {
             **options,
             "rank": k,
-            "max_rank": max(k, int(options.get("max_rank", k))),
-            "reset_rows": max(k, int(options.get("reset_rows", 1024))),
+            "max_rank": max(k, int(options.get("max_rank") or k)),
+            "reset_rows": max(k, int(options.get("reset_rows") or 1024)),
             "include": (glob_literal(site),),
         }
         state = _warm_state(model, warmup_batches, loss_fn, warmup, **settings)

@@ -51,6 +51,7 @@ class StepStats:
 
     Attributes:
         encoded: tensors stored as codes; the first of the step is charged the whole basis at break-even.
+        held_rows: rows of the tensors held raw (pending) until the step pays for the basis.
         rank: rank of the basis this step's codes were made with.
         casts: the basis cast to a matmul dtype (made once, shared by the step's records).
         accumulator: ``M = sum X^T Z`` (D, k) fp32, for the power step.
@@ -60,6 +61,7 @@ class StepStats:
     """
 
     encoded: int = 0
+    held_rows: int = 0
     rank: int = 0
     casts: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     accumulator: torch.Tensor | None = None
@@ -74,6 +76,15 @@ class StepStats:
         tensors = (self.accumulator, self.sample, self.sample_keys)
         master = sum(4 * cast.numel() for cast in self.casts.values())
         return master + sum(tensor_bytes(t) for t in tensors if t is not None)
+
+
+def site_share(compute: torch.dtype) -> float:
+    """What a site's first coded tensor of a step is charged at break-even, in bases of ``compute`` dtype:
+    the basis its codes use, the fp32 ``X^T Z`` accumulator of its size, and the fp32 master basis where the
+    codes use a cast copy. Later tensors of the step pay only their codes, so a site never stores more than
+    raw (the few sampled rows aside)."""
+    extra = 4 + (0 if compute == torch.float32 else 4)
+    return 1.0 + extra / compute.itemsize
 
 
 def matmul_dtype(dtype: torch.dtype, setting: str) -> torch.dtype:
@@ -140,8 +151,8 @@ class Compressor(ActivationMethod):
             state.frozen = True
             return Reason.FROZEN
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
-        if not pays(x, rank, cfg.quantize, x.dtype, 1.0 if stats.encoded == 0 else 0.0, compute):
-            return Reason.BREAK_EVEN
+        if stats.encoded == 0 and not self._step_pays(stats, x, rank, compute):
+            return Reason.PENDING
         basis = self._basis_in(state, stats, compute)  # (D, k)
         xc = x.to(basis.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
         codes = xc @ basis  # (N, k)
@@ -151,6 +162,15 @@ class Compressor(ActivationMethod):
         if not self._guard_passes(codes_sq, x_sq):  # the only read of a device value during the forward
             return Reason.GUARD
         return self._store(stats, codes, basis, x, x_sq, codes_sq)
+
+    def _step_pays(self, stats: StepStats, x: torch.Tensor, rank: int, compute: torch.dtype) -> bool:
+        """Break-even on the current step: the site's first coded tensor of a step is charged its basis, the
+        accumulator and the fp32 master (:func:`site_share`), so it waits, held raw, until the tensors the site
+        held raw so far in this step plus ``x`` would beat that together; then they are all coded. A step
+        whose tensors never get there stores them raw: a site never stores more than raw."""
+        cfg = self.config
+        stats.held_rows += x.shape[0]
+        return pays(stats.held_rows, x.shape[1], rank, cfg.quantize, x.dtype, site_share(compute), compute)
 
     def _encode_first_step(self, stats: StepStats, state: SiteState, x: torch.Tensor) -> Packed | str:
         """A site's first step: each tensor gets codes against its own top-k basis, rows are sampled for Q_0.
@@ -169,7 +189,7 @@ class Compressor(ActivationMethod):
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return Reason.FROZEN
-        if not pays(x, rank, cfg.quantize, x.dtype):
+        if not pays(*x.shape, rank, cfg.quantize, x.dtype):
             return Reason.BREAK_EVEN
         basis = subspace.top_k_basis(xf, rank, self.generator)  # (D, k), this tensor's own
         codes = xf @ basis

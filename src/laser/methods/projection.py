@@ -118,10 +118,11 @@ def make_codes(codes: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype,
     return LowRankCodes(codes.to(dtype), basis, dtype)
 
 
-def pays(x: torch.Tensor, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0,
+def pays(rows: int, dim: int, rank: int, quantize: str | None, dtype: torch.dtype, basis_share: float = 1.0,
          basis_dtype: torch.dtype = torch.float32) -> bool:
-    """Whether codes of ``rank`` columns for ``x`` (N, D) plus ``basis_share`` of the basis cost less than ``x``."""
-    return breaks_even(x.shape[0], x.shape[1], rank, _element_bytes(dtype), _code_bytes(quantize, dtype), basis_share,
+    """Whether codes of ``rank`` columns for ``rows`` x ``dim`` activations of ``dtype`` plus ``basis_share``
+    bases (dim x rank of ``basis_dtype``) cost less than the activations (:func:`laser.subspace.breaks_even`)."""
+    return breaks_even(rows, dim, rank, _element_bytes(dtype), _code_bytes(quantize, dtype), basis_share,
                        basis_dtype.itemsize)
 
 
@@ -205,7 +206,7 @@ class FixedBasisMethod(MeasuredMethod):
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
         rank = min(cfg.rank, x.shape[1])
-        if not pays(x, rank, cfg.quantize, x.dtype):
+        if not pays(*x.shape, rank, cfg.quantize, x.dtype):
             return Reason.BREAK_EVEN
         xf = x.float()  # (N, D); no copy for fp32 activations
         x_sq = squared_norm(xf)
