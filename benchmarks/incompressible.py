@@ -18,10 +18,10 @@ import argparse
 from collections import Counter
 
 import torch
-from common import add_timing_arguments, environment, interleaved_medians, markdown_table, parse_timed, set_threads
 from torch import nn
 
 import laser
+from common import add_timing_arguments, environment, interleaved_medians, markdown_table, parse_timed, set_threads
 
 
 class LoopedEncoder(nn.Module):
