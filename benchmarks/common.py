@@ -7,8 +7,8 @@ and prints the thread count and the load average next to its tables. Step times 
 interleaved repetitions (every method runs once per round), so a change of load hits all methods alike,
 and they are only reported as ratios to ``none`` measured in the same run.
 
-Memory is probed one method at a time, after warm-up (LASER stores each site's first step raw while its
-basis is initialised):
+Memory is probed one method at a time, after warm-up (in a site's first step LASER codes each tensor
+against its own SVD basis and samples rows for the shared one: not a typical step):
 
 * **held after forward**: bytes the forward allocated and left alive for backward (saved activations,
   codes, bases made during the forward, the method's per-step statistics), measured from the allocator:
@@ -194,7 +194,8 @@ def parse_timed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
     LASER initialises its basis: not a typical step)."""
     args = parser.parse_args(argv)
     if args.warmup < 1:
-        parser.error("--warmup must be >= 1: LASER stores each site's first step raw while its basis initialises")
+        parser.error("--warmup must be >= 1: a site's first step (per-tensor SVD bases, rows sampled for the shared "
+                     "basis) is not a typical step")
     return args
 
 

@@ -4,9 +4,18 @@
 ``sum_i N_i * k * c (+ k * 4 per tensor for int8 scales) + D * k * b`` (``N_i`` rows of each saved storage,
 ``c`` bytes per code: the activation's dtype, or 1 for int8; one basis per site, fp32 or the bf16 copy
 bf16 codes are made with: ``b`` bytes), or the raw bytes
-where that is not smaller; storages the method never admits (small, non-float, strided) stay raw. The
-floor is computed from the report's ranks and the storages each site saved (recorded by a method that
-only watches), next to the bytes the report measured; the gap is what fallbacks and narrow sites cost.
+where that is not smaller; storages the method never admits (small, non-float, strided, masks, loss
+terms) stay raw. The floor is computed from the report's ranks and the storages each site saved (recorded
+by a method that only watches), next to the bytes the report measured; the gap is what fallbacks and
+narrow sites cost.
+
+The floor is one of what is *stored*: codes, scales, bases and raw storages. LASER's report also counts
+its own per-step state in ``stored_bytes`` (``SiteReport.state_bytes``: the ``X^T Z`` accumulator, the
+row sample and its keys, the fp32 master of a bf16 basis copy). That state is a choice of the tracking
+algorithm (its size follows ``growth``, ``reset_rows`` and the rank), not part of any storage format, so
+adding it to the floor would make the ratio say nothing: **stored** here is the report's
+``stored_bytes - state_bytes``, compared with the floor, and the state is printed beside it in its own
+**state** column (stored + state = the report's ``stored_bytes``).
 
 **Time.** Beyond the block's own work a compressed tensor costs a projection ``Z = X Q`` (N x D x k
 multiply-adds), an accumulation ``M += X^T Z`` (D x N x k) and a reconstruction ``X_hat = Z Q^T``
@@ -44,7 +53,7 @@ from common import (
     size,
     synchronizer,
 )
-from laser.hooks import Packed
+from laser.hooks import Packed, Reason
 from laser.methods.laser import matmul_dtype
 from laser.models.trm import TRMConfig
 from laser.report import Report
@@ -86,10 +95,10 @@ class ShapeRecorder(laser.ActivationMethod):
         super().__init__(model, laser.NoneConfig())
         self.shapes: dict[str, SiteShapes] = {}
 
-    def encode(self, x: torch.Tensor, site: str) -> Packed | None:
+    def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.dtype))
         shapes.rows.append(x.shape[0])
-        return None
+        return Reason.RAW
 
 
 def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool,
@@ -146,9 +155,11 @@ def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
 
 def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride: int = 1,
                matmul: str = "auto") -> list[dict]:
-    """Per site: dim, tensors, rows, rank reached, raw, measured and floor bytes, and extra FLOPs.
+    """Per site: dim, tensors, rows, rank reached, raw, stored, state and floor bytes, and extra FLOPs.
 
-    ``stride`` and ``matmul`` are the run's ``LaserConfig.accumulate_stride`` and ``matmul_dtype``.
+    ``stored`` is what the report stored for the site without the method's own state (codes, scales, bases,
+    raw storages: what the floor bounds), ``state`` that state (``SiteReport.state_bytes``). ``stride`` and
+    ``matmul`` are the run's ``LaserConfig.accumulate_stride`` and ``matmul_dtype``.
     """
     rows = []
     for site in report.sites:
@@ -162,7 +173,8 @@ def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride
                 flops = compression_flops(shape.rows, shape.dim, site.rank, stride)
         rows.append({"site": site.name, "dim": site.dim, "tensors": site.tensors,
                      "rows": sum(shape.rows) if shape is not None else 0, "rank": site.rank,
-                     "raw": site.raw_bytes, "stored": site.stored_bytes, "floor": floor, "flops": flops})
+                     "raw": site.raw_bytes, "stored": site.stored_bytes - site.state_bytes,
+                     "state": site.state_bytes, "floor": floor, "flops": flops})
     return rows
 
 
@@ -190,21 +202,22 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
         site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8",
                                spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"))
         stored = sum(r["stored"] for r in site_rows)
+        state = sum(r["state"] for r in site_rows)
         floor = sum(r["floor"] for r in site_rows)
         share = sum(r["flops"] for r in site_rows) / block
         measured = times[spec.label] / times["none"]
         summary.append([
             spec.label, ranks_reached(reports[spec.label]),
             size(sum(r["raw"] for r in site_rows)), size(stored), size(floor), f"{stored / floor:.3f}",
-            f"{100 * share:.1f}%", f"{1 + share:.3f}", f"{measured:.3f}",
+            size(state), f"{100 * share:.1f}%", f"{1 + share:.3f}", f"{measured:.3f}",
             f"{(measured - 1) / share:.2f}" if share else "-",
         ])
         if args.sites:
             details.append(f"\n{spec.label}: per site\n\n" + markdown_table(
-                ["site", "dim", "tensors", "rows", "rank", "raw", "stored", "floor", "extra GFLOP"],
+                ["site", "dim", "tensors", "rows", "rank", "raw", "stored", "floor", "state", "extra GFLOP"],
                 [[r["site"], r["dim"], r["tensors"], r["rows"], r["rank"], size(r["raw"]), size(r["stored"]),
-                  size(r["floor"]), f"{r['flops'] / 1e9:.3f}"] for r in site_rows]))
-    headers = ["method", "ranks", "raw", "stored", "floor", "stored / floor", "extra FLOPs / block",
+                  size(r["floor"]), size(r["state"]), f"{r['flops'] / 1e9:.3f}"] for r in site_rows]))
+    headers = ["method", "ranks", "raw", "stored", "floor", "stored / floor", "state", "extra FLOPs / block",
                "time ratio floor", "time ratio measured", "measured overhead / floor"]
     title = (f"### {workload.title()}\n\n{environment(workload.device)}; block forward+backward "
              f"{block / 1e9:.2f} GFLOP per step; step times: median of {rounds} interleaved rounds after "

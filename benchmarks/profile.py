@@ -62,11 +62,20 @@ FUNCTION_PART = {
     "top_k_basis": "orthonormalisation",
     "complete_basis": "orthonormalisation",
     "fidelity": "fidelity sums",
-    "measure": "fidelity sums",
+    "squared_norm": "fidelity sums",
+    "add": "fidelity sums",  # CosineSums.add, the one fidelity sum
+    "add_stored": "fidelity sums",
+    "stored_sums": "fidelity sums",
+    "finite": "fidelity sums",
+    "cosine": "fidelity sums",
     "make_codes": "casts",
+    "_basis_in": "casts",
     "_pack": "plumbing ops",
     "_unpack": "plumbing ops",
-    "_encode_storage": "plumbing ops",
+    "_new_entry": "plumbing ops",
+    "_exact_view": "plumbing ops",
+    "version_probe": "plumbing ops",
+    "check_version": "plumbing ops",
     "decoded": "plumbing ops",
 }
 ENCODE_OP_PART = {

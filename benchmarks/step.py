@@ -7,15 +7,16 @@ A step is forward + backward + the method's update + AdamW, on maze batches (``l
 the same initial weights for every method. Columns:
 
 * **saved (report)**: saved-activation bytes the method's report counts for the last step (unique storages:
-  codes, scales, bases, raw fallbacks). Under ``checkpoint`` it counts what autograd keeps outside the
-  recomputed calls.
+  codes, scales, bases, storages kept raw, and LASER's own per-step state: its accumulators ``X^T Z``,
+  sampled rows and the fp32 master of a bf16 basis copy, ``SiteReport.state_bytes``). Under ``checkpoint``
+  it counts what autograd keeps outside the recomputed calls.
 * **held after fwd**: bytes the forward allocated and left alive for backward, from the allocator (see
-  ``common.py``); beyond the report it includes the method's per-step statistics (LASER's accumulators
-  ``X^T Z`` and sampled rows).
+  ``common.py``): measured rather than counted, so it also holds what the forward kept alive besides
+  saved tensors.
 * **peak**: peak RSS of a fresh process over one step on a CPU, ``torch.cuda.max_memory_allocated`` on a
   GPU; **step rise**: that peak minus the memory in use before the step (model, optimizer, data).
-* **step time**: median over interleaved rounds after warm-up (LASER stores each site's first step raw while
-  its basis initialises, and pays a one-off SVD then).
+* **step time**: median over interleaved rounds after warm-up (a site's first step codes each tensor against
+  its own SVD basis and samples rows for the shared one: one-off SVDs).
 
 Every ratio is to ``none`` measured in the same run.
 

@@ -100,19 +100,27 @@ def test_block_flops_by_hand():
 
 @pytest.mark.parametrize(("amp", "variant"), [("none", "laser-paper"), ("bf16", "laser-paper")])
 def test_floor_matches_the_reports_bytes_without_fallbacks(amp, variant):
-    # Policy "paper" at rank 16 stores every admitted storage as codes: the report must equal the floor,
-    # with the basis in the dtype the records hold (the bf16 copy under bf16 autocast).
-    workload = common.Workload(64, 2, 1, maze=5, amp=amp)
+    # Policy "paper" at rank 16 stores every admitted storage as codes: the report's stored bytes without
+    # LASER's own state must equal the floor, with the basis in the dtype the records hold (the bf16 copy
+    # under bf16 autocast); the state is the rest of the report's stored bytes. Batch 5 (125 rows a tensor):
+    # a site's step must pay for its basis, the fp32 accumulator and (bf16) the fp32 master basis, and the
+    # output head saves one tensor a step: 125 x 64 x 2 > 125 x 16 x 2 + 64 x 16 x (2 + 4 + 4) in bf16.
+    workload = common.Workload(64, 2, 5, maze=5, amp=amp)
     spec = common.method_specs([variant], [16])[1]
     run = common.TrainingRun(workload, spec)
     for _ in range(3):
         run.step()
     report = run.report()
-    assert sum(s.fallbacks for s in report.sites) == 0
-    rows = floor.floor_rows(report, floor.record_shapes(workload), int8=False,
-                            matmul=spec.options.get("matmul_dtype", "auto"))
+    shapes = floor.record_shapes(workload)  # the storages the plumbing admits, by site
+    assert shapes and set(shapes) <= {s.name for s in report.sites}
+    for s in report.sites:  # no fallback among admitted storages; the others are all raw, for their reasons
+        assert s.fallbacks == (0 if s.name in shapes else s.tensors), s.name
+    rows = floor.floor_rows(report, shapes, int8=False, matmul=spec.options.get("matmul_dtype", "auto"))
     assert sum(r["raw"] for r in rows) == report.raw_bytes
-    assert sum(r["floor"] for r in rows) == report.stored_bytes < report.raw_bytes
+    state = sum(s.state_bytes for s in report.sites)
+    assert state > 0 and sum(r["state"] for r in rows) == state
+    assert sum(r["floor"] for r in rows) == sum(r["stored"] for r in rows) == report.stored_bytes - state
+    assert report.stored_bytes - state < report.raw_bytes
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -180,11 +188,12 @@ def test_step_prints_its_table(capsys):
 def test_floor_prints_its_table(capsys):
     floor.main([*TINY, "--methods", "laser-paper", "--sites"])
     out = capsys.readouterr().out
-    rows = table_rows(out, "| method | ranks | raw | stored | floor | stored / floor | extra FLOPs / block | "
-                           "time ratio floor | time ratio measured | measured overhead / floor |")
+    rows = table_rows(out, "| method | ranks | raw | stored | floor | stored / floor | state | "
+                           "extra FLOPs / block | time ratio floor | time ratio measured | measured overhead / floor |")
     assert [r[0] for r in rows] == ["laser-paper r16"]
     assert rows[0][5] == "1.000"
-    assert "| site | dim | tensors | rows | rank | raw | stored | floor | extra GFLOP |" in out
+    assert rows[0][6] not in ("-", "0 B")  # LASER's own state, beside the stored bytes the floor bounds
+    assert "| site | dim | tensors | rows | rank | raw | stored | floor | state | extra GFLOP |" in out
 
 
 def test_profile_prints_its_tables(capsys):

@@ -78,7 +78,8 @@ def grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 def warm_up(comp: Compressor, x: torch.Tensor) -> None:
-    """One step whose activations are stored raw and sampled to initialise every site's basis."""
+    """One step whose activations are sampled to initialise every site's basis (each coded meanwhile against
+    its own top-k basis where that pays, else kept raw)."""
     with comp:
         loss_of(comp.model, x).backward()
     comp.step()
@@ -133,12 +134,26 @@ def test_exactly_low_rank_activations_reproduce_twin_and_store_r_over_d(quantize
     # the model: kept raw by default); all N x D fp32.
     assert report.raw_bytes == 3 * n * d * 4
     code_bytes = n * r * (4 if quantize is None else 1) + (0 if quantize is None else r * 4)
-    assert report.stored_bytes == 2 * (code_bytes + d * r * 4) + n * d * 4
-    assert report.site(f"<outside>:{d}").stored_bytes == n * d * 4
-    assert all(abs(s.fidelity - 1.0) < 1e-5 for s in report.sites)
+    state_bytes = sum(s.state_bytes for s in report.sites)
+    assert report.stored_bytes - state_bytes == 2 * (code_bytes + d * r * 4) + n * d * 4
+    # LASER's own state per coded site, this (second) step: the D x k fp32 accumulator and a `growth`-row
+    # fp32 sample (no reset can be due yet) with its float64 keys; fp32 codes use the fp32 basis (no copy).
+    growth = comp.config.growth
+    for name in (f"first/input:{d}", f"second/mm:{d}"):
+        assert report.site(name).state_bytes == d * r * 4 + growth * d * 4 + growth * 8
+    outside = report.site(f"<outside>/mm:{d}")
+    assert outside.stored_bytes == n * d * 4 and outside.state_bytes == 0
+    assert outside.reasons == {"excluded": 1}
+    # tracking fidelity ||Z||/||X|| of the step is exact; what is stored is exact too without int8 rounding
+    assert all(abs(comp.sites[name].fidelity - 1.0) < 1e-5 for name in comp.sites)
+    if quantize is None:
+        assert all(abs(s.fidelity - 1.0) < 1e-5 for s in report.sites)
+    else:  # the report's fidelity is that of the stored int8 codes: just below the tracking fidelity
+        assert all(0.9999 < s.fidelity < 1.0 for s in report.sites if s is not outside)
     model_rows = [row for row in report.sites if not row.name.startswith("<outside>")]
     model_raw = sum(row.raw_bytes for row in model_rows)
-    assert sum(row.stored_bytes for row in model_rows) / model_raw < (r / d) * 1.1 + 2 * d * r * 4 / model_raw
+    model_stored = sum(row.stored_bytes - row.state_bytes for row in model_rows)
+    assert model_stored / model_raw < (r / d) * 1.1 + 2 * d * r * 4 / model_raw
 
 
 def test_weight_tied_block_gives_one_site_per_module_and_width():
@@ -153,11 +168,19 @@ def test_weight_tied_block_gives_one_site_per_module_and_width():
     report = comp.report()
     names = [s.name for s in report.sites]
     assert len(names) == len(set(names))
-    assert report.site("block.gate_up:32").tensors == steps  # the input of gate_up, once per recursion step
-    assert report.site("block.down:64").tensors == steps
-    assert report.site("block.attn:96").tensors == steps  # one qkv storage per step
+    # the input of gate_up (the first rms_norm's output, a mul), once per recursion step
+    assert report.site("block.gate_up/mul:32").tensors == steps
+    assert report.site("block.down/mul:64").tensors == steps  # silu(gate) * up
+    assert report.site("block.attn/mm:96").tensors == steps  # one qkv storage per step
+    # qkv's input is the embedding's output at the first recursion step, the block's own output after it
+    assert report.site("block.attn.qkv/addmm:32").tensors == 1
+    assert report.site("block.attn.qkv/mul:32").tensors == steps - 1
     assert set(comp.sites) <= set(names)
-    assert all(state.basis.shape[0] == state.dim for state in comp.sites.values())
+    # rank 8 never pays on 8-wide rows: those sites are frozen in their first step and never get a basis
+    frozen = {site for site, state in comp.sites.items() if state.frozen}
+    assert frozen == {site for site, state in comp.sites.items() if state.dim <= 8}
+    assert all(comp.sites[site].basis is None for site in frozen)
+    assert all(state.basis.shape[0] == state.dim for site, state in comp.sites.items() if site not in frozen)
     loss.backward()
     comp.step()
 
@@ -170,15 +193,20 @@ def test_qkv_views_are_stored_once():
     with comp:
         attention(x).sum().backward()
     comp.step()
-    first = comp.report().site("Attention:96")
+    first = comp.report().site("Attention/mm:96")
     assert first.tensors == 1  # the first step codes against the tensor's own basis, same size
-    assert first.stored_bytes == 2 * 10 * 8 * 4 + 96 * 8 * 4
+    # LASER's state in a site's first step: the reset sample (all 20 rows fit in it) and its float64 keys
+    assert first.state_bytes == 20 * 96 * 4 + 20 * 8
+    assert first.stored_bytes - first.state_bytes == 2 * 10 * 8 * 4 + 96 * 8 * 4
     with comp:
         out = attention(x)
-    row = comp.report().site("Attention:96")
+    row = comp.report().site("Attention/mm:96")
     assert row.tensors == 1  # q, k and v are three saved views of one (2, 10, 96) storage
     assert row.raw_bytes == 2 * 10 * 96 * 4
-    assert row.stored_bytes == 2 * 10 * 8 * 4 + 96 * 8 * 4
+    # then: the D x k accumulator and a `growth`-row sample with its keys
+    growth = comp.config.growth
+    assert row.state_bytes == 96 * 8 * 4 + growth * 96 * 4 + growth * 8
+    assert row.stored_bytes - row.state_bytes == 2 * 10 * 8 * 4 + 96 * 8 * 4
     out.sum().backward()
 
 
@@ -189,13 +217,13 @@ def test_parameters_and_buffers_never_become_sites():
     param_bytes |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     comp = Compressor(model, laser.LaserConfig(rank=4, min_numel=0))
     seen = []
-    original = comp._encode_storage
+    original = comp._new_entry  # every storage that is not a weight, admitted or not
 
     def spy(tensor):
         seen.append(tensor.untyped_storage().data_ptr())
         return original(tensor)
 
-    comp._encode_storage = spy
+    comp._new_entry = spy
     with comp:
         loss_of(model, torch.randn(2, 8, 8)).backward()
     assert seen and not (set(seen) & param_bytes)
@@ -225,7 +253,11 @@ def test_storage_address_reuse_does_not_decode_the_wrong_tensor():
         if reused and attempt > 0:  # attempt 0 initialises the basis (stored raw)
             expected = first_copy.sum(0)[:, None] + 2 * second.sum(0)[:, None]
             assert torch.allclose(weight.grad, expected.expand(-1, 3), rtol=1e-4, atol=1e-3)
-            assert comp.report().site("<outside>:32").tensors == 2
+            # two storages at one address: two entries, the second its own stream of the same call (input#1),
+            # and both coded, so the gradient above came from decoding each one's own codes
+            report = comp.report()
+            for name in ("<outside>/input:32", "<outside>/input#1:32"):
+                assert report.site(name).tensors == 1 and report.site(name).fallbacks == 0
             return
     pytest.skip("allocator never reused the address")
 
@@ -257,17 +289,29 @@ def test_guarded_policy_never_stores_a_reconstruction_below_threshold():
     n, d = 256, 64
     model = LowRankChain(d)
     x = torch.randn(n, d)  # full rank: rank 4 cannot reach 0.95
-    for policy, fallbacks in (("guarded", 2), ("paper", 0)):  # the loss's saved tensor is not admitted
+    # the loss's saved tensor is not admitted (saved outside the model): kept raw as "excluded"
+    for policy, reasons in (("guarded", {"guard": 2, "excluded": 1}), ("paper", {"excluded": 1})):
         comp = Compressor(copy.deepcopy(model), laser.LaserConfig(rank=4, min_numel=0, policy=policy))
         warm_up(comp, x)
         with comp:
             loss_of(comp.model, x).backward()
         comp.step()
         report = comp.report()
-        assert sum(s.fallbacks for s in report.sites) == fallbacks
-        assert all(s.fidelity < 0.95 for s in report.sites if not s.name.startswith("<outside>"))
-        if policy == "guarded":
-            assert report.stored_bytes == report.raw_bytes
+        counted = {}
+        for s in report.sites:
+            assert s.fallbacks == sum(s.reasons.values())
+            for reason, count in s.reasons.items():
+                counted[reason] = counted.get(reason, 0) + count
+        assert counted == reasons
+        assert report.site("<outside>/mm:64").reasons == {"excluded": 1}
+        assert all(comp.sites[site].fidelity < 0.95 for site in comp.sites)  # what tracking measured
+        model_rows = [s for s in report.sites if not s.name.startswith("<outside>")]
+        if policy == "paper":  # the codes are stored: the report's fidelity is theirs
+            assert all(s.fidelity < 0.95 for s in model_rows)
+        else:  # the report's fidelity is that of what is stored: nothing below threshold, only raw tensors
+            assert all(s.fidelity == 1.0 for s in model_rows)
+            # everything raw; LASER's own state (accumulator, sample) on top
+            assert report.stored_bytes - sum(s.state_bytes for s in report.sites) == report.raw_bytes
 
 
 def test_low_fidelity_expands_then_resets_after_patience():
@@ -282,7 +326,7 @@ def test_low_fidelity_expands_then_resets_after_patience():
             loss = model(torch.randn(128, d)).square().mean()
         loss.backward()
         comp.step()
-        state = comp.sites["Linear:64"]
+        state = comp.sites["Linear/input:64"]
         ranks.append(state.basis.shape[1])
         resets.append(state.resets)
         expansions.append(state.expansions)
@@ -299,9 +343,10 @@ def test_break_even_stores_raw_and_freezes_the_site():
         with comp:
             model(torch.randn(64, 16)).sum().backward()
         comp.step()
-    row = comp.report().site("Linear:16")
+    row = comp.report().site("Linear/input:16")
     assert row.fallbacks == 1 and row.stored_bytes == row.raw_bytes == 64 * 16 * 4
-    assert comp.sites["Linear:16"].frozen
+    assert row.reasons == {"frozen": 1} and row.state_bytes == 0  # a frozen site is no longer tracked
+    assert comp.sites["Linear/input:16"].frozen
 
 
 def test_nonfinite_activation_is_stored_raw_and_never_reaches_a_basis():
@@ -319,7 +364,9 @@ def test_nonfinite_activation_is_stored_raw_and_never_reaches_a_basis():
         loss_of(model, x).backward()
     comp.step()
     report = comp.report()
-    assert report.site(f"first:{d}").fallbacks == 1
+    assert report.site(f"first/input:{d}").fallbacks == 1
+    assert report.site(f"first/input:{d}").reasons == {"guard": 1}  # a NaN fidelity fails the guard
+    assert comp.sites[f"first/input:{d}"].nonfinite_steps == 1  # and the step's statistics were dropped
     for site, state in comp.sites.items():
         assert torch.isfinite(state.basis).all()
         if report.site(site).fallbacks == report.site(site).tensors:
@@ -344,8 +391,15 @@ def test_half_precision_codes_keep_the_activation_dtype(dtype, matmul_dtype):
     elem = torch.finfo(dtype).bits // 8
     # the records hold the basis their codes were made with: bf16 on the bf16 fast path, fp32 otherwise
     basis_bytes = 2 if dtype == torch.bfloat16 and matmul_dtype == "auto" else 4
-    assert comp.report().raw_bytes == 3 * n * d * elem
-    assert comp.report().stored_bytes == 3 * (n * r * elem + d * r * basis_bytes)
+    report = comp.report()
+    assert report.raw_bytes == 3 * n * d * elem
+    assert report.stored_bytes - sum(s.state_bytes for s in report.sites) == 3 * (n * r * elem + d * r * basis_bytes)
+    # LASER's own state per site: the fp32 D x k accumulator, a `growth`-row fp32 sample with float64 keys,
+    # and the fp32 master basis where the codes were made with a bf16 copy of it
+    growth = comp.config.growth
+    master = d * r * 4 if basis_bytes == 2 else 0
+    assert len(report.sites) == 3
+    assert all(s.state_bytes == d * r * 4 + growth * d * 4 + growth * 8 + master for s in report.sites)
     assert len(records) == 3
     for record in records:
         assert record.codes.dtype == dtype
@@ -480,8 +534,13 @@ def test_include_and_exclude_patterns_select_sites():
     with comp:
         loss_of(model, torch.randn(2, 8, 8)).backward()
     comp.step()
-    assert "block.gate_up:32" in comp.sites
+    assert "block.gate_up/mul:32" in comp.sites
     assert not any(site.startswith("embed") or "down" in site for site in comp.sites)
+    # the storages the patterns leave out are still reported, kept raw as "excluded"
+    report = comp.report()
+    for name in ("embed/input:8", "block.down/mul:64"):
+        row = report.site(name)
+        assert row.reasons == {"excluded": row.tensors} and row.stored_bytes == row.raw_bytes
 
 
 @pytest.mark.parametrize(
@@ -518,7 +577,7 @@ def test_report_table_and_totals():
     _, comp = compressed_grads(model, torch.randn(4, 16, 8), rank=4, min_numel=0, policy="paper")
     report = comp.report()
     text = str(report)
-    assert "block.gate_up:32" in text and "total" in text
+    assert "block.gate_up/mul:32" in text and "total" in text
     assert report.raw_bytes == sum(s.raw_bytes for s in report.sites)
     assert 0.0 < report.savings < 1.0
     data = report.to_dict()
@@ -541,7 +600,13 @@ def test_tensors_saved_outside_the_model_stay_raw_unless_asked():
         with comp:
             loss_of(comp.model, x).backward()
         comp.step()
-        assert comp.report().site(f"<outside>:{d}").stored_bytes == outside_stored
+        row = comp.report().site(f"<outside>/mm:{d}")  # the model's output, saved by the loss's square
+        if model_only:
+            assert row.reasons == {"excluded": 1} and row.state_bytes == 0
+        else:  # coded and tracked: the accumulator and a `growth`-row sample with its keys on top
+            growth = comp.config.growth
+            assert row.reasons == {} and row.state_bytes == d * r * 4 + growth * d * 4 + growth * 8
+        assert row.stored_bytes - row.state_bytes == outside_stored
 
 
 def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
@@ -567,7 +632,7 @@ def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
     with comp:
         loss = loss_of(model, x)
     loss.backward()
-    assert comp.report().site("TwoUses:32").tensors == 1
+    assert comp.report().site("TwoUses/mm:32").tensors == 1  # h, made by lin (an mm), saved in TwoUses
     assert sorted(views for _, views in decodes) == [1, 2]  # lin's input, and h (saved by sin and cos)
     assert len({record for record, _ in decodes}) == len(decodes)  # each storage decoded once
     for a, b in zip(grads(model), expected, strict=True):
@@ -586,7 +651,7 @@ def test_row_width_folds_dense_trailing_dimensions_in_memory_order():
     assert row_width(torch.empty(2, 4, 5, 8), 40) == 40
     assert row_width(torch.empty(2, 5, 4, 16)[..., :8], 64) == 8  # not dense: nothing to fold
     assert row_width(torch.empty(2, 5, 1, 4, 8), 32) == 32  # size-1 dimensions are skipped
-    assert row_width(torch.empty(2, 5, 8).transpose(1, 2), 40) == 5  # last dim not innermost: kept as is
+    assert row_width(torch.empty(2, 5, 8).transpose(1, 2), 40) == 0  # last dim not innermost: no rows
     assert row_width(torch.tensor(1.0), 32) == 1
 
 
@@ -609,23 +674,34 @@ class RotatedAttention(nn.Module):
 def test_folded_head_width_storages_are_coded_per_token(fold_to):
     torch.manual_seed(0)
     b, n, d, heads, r = 4, 24, 16, 2, 2
-    # x has rank 2: q and k rows lie in rank-2 spaces, an output row in the sum of the two heads' v spaces
-    # (rank 4, holding v): rank 8 in all, which 8-wide head rows cannot beat but 16-wide token rows can.
+    # x has rank 2: q, k and v token rows lie in rank-2 spaces, an output row in the sum of the two heads'
+    # v spaces (rank 4): rank 8 holds each stream exactly, which 8-wide head rows cannot beat but 16-wide
+    # token rows can.
     rank = 4 * r
     model = RotatedAttention(d, heads)
     x = low_rank_input(b * n, d, r).view(b, n, d)
     expected = twin_grads(model, x)
     got, comp = compressed_grads(model, x, rank=rank, max_rank=rank, min_numel=0, fold_to=fold_to)
     width = d if fold_to else d // heads
-    row = comp.report().site(f"RotatedAttention:{width}")
-    # q, k, v (2 * linear: new storages) and the attention output, each b * n * d fp32
-    assert row.raw_bytes == 4 * b * n * d * 4
+    report = comp.report()
+    # q, k, v (2 * linear: new storages, three streams of one call: mul, mul#1, mul#2) and the attention
+    # output (named by its op), each b * n * d fp32 and each a site with its own basis
+    names = [f"RotatedAttention/{op}:{width}" for op in ("mul", "mul#1", "mul#2")]
+    names += [s.name for s in report.sites if s.name.startswith("RotatedAttention/scaleddotproduct")]
+    assert len(names) == 4 and all(report.site(name).dim == width for name in names)
+    rows = [report.site(name) for name in names]
+    assert all(row.tensors == 1 and row.raw_bytes == b * n * d * 4 for row in rows)
     if fold_to:
-        assert row.stored_bytes == 4 * b * n * rank * 4 + d * rank * 4  # codes of 4 storages + one basis
+        growth = comp.config.growth
+        for row in rows:
+            assert row.reasons == {}
+            assert row.stored_bytes - row.state_bytes == b * n * rank * 4 + d * rank * 4  # codes + its basis
+            assert row.state_bytes == d * rank * 4 + growth * d * 4 + growth * 8  # accumulator, sample, keys
         for a, e in zip(got, expected, strict=True):
             assert (a - e).norm() <= 1e-4 * e.norm()
     else:
-        assert row.stored_bytes == row.raw_bytes  # rank-8 codes of 8-wide rows never pay
+        for row in rows:  # rank-8 codes of 8-wide rows never pay
+            assert row.stored_bytes == row.raw_bytes and row.reasons == {"frozen": 1}
 
 
 @pytest.mark.parametrize("stride", [1, 4])
@@ -649,37 +725,39 @@ def test_strided_accumulation_tracks_a_rotating_subspace(stride):
             loss = loss_of(model, x)
         loss.backward()
         comp.step()
-    basis = comp.sites["first:32"].basis
+    state = comp.sites["first/input:32"]  # the input of `first`: the rotating stream itself
+    basis = state.basis
     target = orthonormalize(rotation[:, :k])
     sine = torch.linalg.matrix_norm(target - basis @ (basis.T @ target), ord=2)
     assert sine < 0.25
-    assert comp.sites["first:32"].resets == 0 and comp.sites["first:32"].expansions == 0
+    assert state.resets == 0 and state.expansions == 0
 
 
 def test_strided_accumulation_uses_every_strided_row_exactly():
     torch.manual_seed(0)
     model = LowRankChain(16)
     comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0, accumulate_stride=3))
-    x = torch.randn(10, 16)
+    x = torch.randn(20, 16)  # enough rows for one tensor to pay for its site's basis and accumulator
     warm_up(comp, x)
     offsets = torch.Generator().manual_seed(0)
     offsets.set_state(comp.generator.get_state())
     with comp:
         loss_of(model, x)
-    state = comp.sites["first:16"]
-    basis = comp.sites["first:16"].basis
+    stats = comp.stats["first/input:16"]  # the step's statistics, kept until step()
+    basis = comp.sites["first/input:16"].basis
     start = int(torch.randint(3, (), generator=offsets))
     rows = x[start::3]
-    assert torch.allclose(state.accumulator, rows.T @ (rows @ basis), atol=1e-5)
+    assert torch.allclose(stats.accumulator, rows.T @ (rows @ basis), atol=1e-5)
 
 
 def test_strided_accumulation_keeps_every_row_of_a_tensor_no_longer_than_the_stride():
     torch.manual_seed(0)
     model = LowRankChain(16)
-    comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0, accumulate_stride=8))
-    x = torch.randn(8, 16)  # 8 rows: a stride of 8 would keep one
+    comp = Compressor(model, laser.LaserConfig(rank=4, max_rank=4, min_numel=0, accumulate_stride=32))
+    # 32 rows: a stride of 32 would keep one (and enough rows to pay for the site's basis and accumulator)
+    x = torch.randn(32, 16)
     warm_up(comp, x)
     with comp:
         loss_of(model, x)
-    basis = comp.sites["first:16"].basis
-    assert torch.allclose(comp.sites["first:16"].accumulator, x.T @ (x @ basis), atol=1e-5)
+    basis = comp.sites["first/input:16"].basis
+    assert torch.allclose(comp.stats["first/input:16"].accumulator, x.T @ (x @ basis), atol=1e-5)

@@ -73,9 +73,10 @@ def test_paper_policy_forward_reads_no_device_value_and_guarded_reads_one_per_ch
         loss.backward()
         comp.step()
         reads[policy] = mode.count
-        tracked = [s for s in comp.report().sites if s.name in comp.sites and not comp.sites[s.name].frozen]
+        tracked = [s for s in comp.report().sites if s.name in comp.sites
+                   and not comp.sites[s.name].frozen and not comp.sites[s.name].untracked]
         tensors[policy] = sum(s.tensors for s in tracked), sum(s.tensors - s.fallbacks for s in tracked)
-        assert all(state.sample is None for state in comp.sites.values())  # cleared by step()
+        assert comp.stats == {}  # the step's statistics (accumulators, samples) are cleared by step()
     assert reads["paper"] == 0
     # every coded tensor was checked once; so was every one the check sent back raw
     stored, coded = tensors["guarded"]
@@ -101,7 +102,7 @@ def test_steady_state_encode_and_decode_run_on_meta_tensors(dtype, options):
     d = 32
     model = LowRankChain(d).to(dtype)
     comp = steady_compressor(model, low_rank_input(128, d, 4).to(dtype), policy="paper", **options)
-    site = f"first:{d}"
+    site = f"first/input:{d}"
     state = comp.sites[site]
     state.basis = state.basis.to("meta")
     x = torch.empty(128, d, device="meta", dtype=dtype)
@@ -109,7 +110,9 @@ def test_steady_state_encode_and_decode_run_on_meta_tensors(dtype, options):
     for record in records:
         out = record.decode()
         assert out.device.type == "meta" and out.dtype == dtype and out.shape == (128 * d,)
-    assert state.accumulator.device.type == "meta" and state.accumulator.dtype == torch.float32
+    accumulator = comp.stats[site].accumulator  # the step's statistics, until step()
+    assert accumulator.device.type == "meta" and accumulator.dtype == torch.float32
+    assert comp.stats[site].encoded == 2
     guarded = steady_compressor(LowRankChain(d).to(dtype), low_rank_input(128, d, 4).to(dtype), **options)
     guarded.sites[site].basis = guarded.sites[site].basis.to("meta")
     with pytest.raises(RuntimeError, match="meta"):
@@ -127,7 +130,7 @@ def test_nonfinite_activation_under_paper_policy_is_coded_and_its_statistics_dro
     with comp:
         loss_of(model, x).backward()
     comp.step()
-    assert comp.report().site(f"first:{d}").fallbacks == 0  # stored as codes: no read decided otherwise
+    assert comp.report().site(f"first/input:{d}").fallbacks == 0  # stored as codes: no read decided otherwise
     for site, state in comp.sites.items():
         assert state.nonfinite_steps == 1, site
         assert torch.equal(state.basis, before[site]), site
@@ -189,9 +192,13 @@ def test_bf16_fast_path_tracks_the_subspace_of_the_fp32_reference():
         ref = reference.sites[site]
         assert max_principal_angle(state.basis, ref.basis) < 0.01, site
         assert math.isclose(state.fidelity, ref.fidelity, abs_tol=5e-3), site
-    fast_bytes, ref_bytes = fast.report().stored_bytes, reference.report().stored_bytes
-    bases = sum(s.rank for s in fast.report().sites) * d
+    fast_report, ref_report = fast.report(), reference.report()
+    fast_state, ref_state = (sum(s.state_bytes for s in r.sites) for r in (fast_report, ref_report))
+    fast_bytes, ref_bytes = fast_report.stored_bytes - fast_state, ref_report.stored_bytes - ref_state
+    bases = sum(s.rank for s in fast_report.sites) * d
     assert ref_bytes - fast_bytes == 2 * bases  # bf16 rather than fp32 bases; codes identical in size
+    # LASER's own state: the same accumulators and samples, plus the fp32 master of each bf16 basis copy
+    assert fast_state - ref_state == 4 * bases
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -184,11 +184,11 @@ class Compressor(ActivationMethod):
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return Reason.NONFINITE  # never feed NaN/Inf into a basis
-        self._sample(state, stats, xf)
         rank = min(cfg.rank, state.dim)
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return Reason.FROZEN
+        self._sample(state, stats, xf)
         if not pays(*x.shape, rank, cfg.quantize, x.dtype):
             return Reason.BREAK_EVEN
         basis = subspace.top_k_basis(xf, rank, self.generator)  # (D, k), this tensor's own
