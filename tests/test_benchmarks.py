@@ -40,6 +40,7 @@ floor = load("floor")
 step = load("step")
 profile = load("profile")
 host = load("host")
+incompressible = load("incompressible")
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -271,3 +272,12 @@ def test_grad_probe_compares_methods_with_the_exact_gradient(tmp_path):
     assert rows[2][5] == "-"  # a site the run does not have
     with pytest.raises(ValueError, match="--warmup 4 \\+ --batches 5 need 9 validation batches of 4"):
         grad_probe.probe(str(run), ["none"], batch=4, batches=5, warmup=4, show=[])
+
+
+def test_incompressible_stops_tracking_and_prints_the_ratio(capsys):
+    incompressible.main(["--width", "64", "--depth", "2", "--batch", "2", "--length", "32", "--rank", "4",
+                         "--warmup", "10", "--steps", "1"])
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in table_rows(out, "| method | step ms | vs none | saved | kept raw because |")}
+    assert list(rows) == ["bare", "none", "laser"] and rows["none"][2] == "1.000"
+    assert "untracked" in rows["laser"][4]  # full-rank activations: the sites gave up tracking
