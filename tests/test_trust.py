@@ -27,6 +27,18 @@ def grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def run_steps(model: nn.Module, comp: laser.Compressor, loss_fn, steps: int) -> laser.Report:
+    """``steps`` training steps (no optimizer) under ``comp``; the last step's report."""
+    for _ in range(steps):
+        model.zero_grad()
+        with comp:
+            loss = loss_fn()
+        loss.backward()
+        report = comp.report()
+        comp.step()
+    return report
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=0))
 
@@ -156,13 +168,7 @@ def test_masks_and_signs_stay_exact_and_are_reported():
     twin = copy.deepcopy(model)
     twin(x).square().mean().backward()
     comp = laser.Compressor(model, laser.LaserConfig(rank=2, min_numel=0, quantize="int8", policy="paper"))
-    for _ in range(3):
-        model.zero_grad()
-        with comp:
-            loss = model(x).square().mean()
-        loss.backward()
-        report = comp.report()
-        comp.step()
+    report = run_steps(model, comp, lambda: model(x).square().mean(), 3)
     masks = sum(s.reasons.get(Reason.MASK, 0) for s in report.sites)
     assert masks == 4  # relu's output, hardtanh's, leaky relu's and clamp's inputs
     # the linear's input is coded at rank 2 (lossy), so compare the mask-read gradient of the bias
@@ -199,13 +205,7 @@ def test_a_loss_computed_inside_the_model_stays_raw():
     twin(x, labels).backward()
     # min_dim=33: only the vocabulary-wide tensors (the loss's log-softmax) could be coded
     comp = laser.Compressor(model, laser.LaserConfig(rank=4, min_numel=0, min_dim=33, policy="paper"))
-    for _ in range(2):
-        model.zero_grad()
-        with comp:
-            loss = model(x, labels)
-        loss.backward()
-        report = comp.report()
-        comp.step()
+    report = run_steps(model, comp, lambda: model(x, labels), 2)
     assert sum(s.reasons.get(Reason.LOSS, 0) for s in report.sites) >= 1
     assert torch.equal(grads(model), grads(twin))
 
@@ -279,13 +279,7 @@ def test_two_streams_in_one_module_are_two_sites_and_exact_at_their_rank():
     twin = copy.deepcopy(model)
     twin(a, b).backward()
     comp = laser.Compressor(model, laser.LaserConfig(rank=r, min_numel=0, policy="paper"))
-    for _ in range(3):
-        model.zero_grad()
-        with comp:
-            loss = model(a, b)
-        loss.backward()
-        report = comp.report()
-        comp.step()
+    report = run_steps(model, comp, lambda: model(a, b), 3)
     names = {s.name for s in report.sites}
     assert names == {"TwoStreams/input:64", "TwoStreams/input#1:64", "TwoStreams/mm:64", "TwoStreams/mm#1:64"}
     first = grads(model)
