@@ -680,7 +680,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             "include/exclude patterns on modules inside it do not match, and recursion steps unrolled inside "
             "the graph do not share a basis. Compile the block the loop calls (torch.compile(block)) rather "
             "than the loop to keep one site per stream across recursion steps.",
-            stacklevel=3,
+            stacklevel=4,  # the user's line that built the method (through a subclass's __init__)
         )
 
     # ------------------------------------------------------- for subclasses
