@@ -111,6 +111,11 @@ class LaserConfig(SiteFilter):
         patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
         power_iters: power-iteration steps per training step; the first uses every activation of the step
             (matrix-free), further ones use the step's row sample.
+        oversample: columns tracked beyond the coded rank (subspace iteration with Rayleigh-Ritz ordering):
+            the power step runs on ``rank + oversample`` columns and codes keep the ``rank`` with the most
+            energy, so the coded subspace converges at the rate of the ``(rank + oversample + 1)``-th
+            singular value instead of the ``(rank + 1)``-th, for ``oversample / rank`` more projection FLOPs
+            and no more stored bytes than the extra basis columns. 0: Algorithm 1.
         accumulate_stride: the power-iteration statistic ``M += X^T Z`` uses every this-many-th row of each
             tensor (a strided view from a random offset: no copy). 1 is Algorithm 1 exactly; ``s`` divides
             the cost of that matmul, a third of LASER's extra FLOPs, by ``s``, while ``M`` stays an unbiased
@@ -141,6 +146,7 @@ class LaserConfig(SiteFilter):
     max_rank: int | None = None
     patience: int = 2
     power_iters: int = 1
+    oversample: int = 0
     accumulate_stride: int = 1
     policy: str = "guarded"
     matmul_dtype: str = "auto"
@@ -159,6 +165,7 @@ class LaserConfig(SiteFilter):
                  f"must be >= rank ({self.rank}); raise max_rank or lower rank, or leave max_rank unset (4 * rank)")
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
+        _require(self.oversample >= 0, "oversample", self.oversample, "must be >= 0 (0: Algorithm 1)")
         _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,
                  "must be >= 1 (1: every row)")
         _require(self.policy in ("paper", "guarded"), "policy", self.policy, "use 'paper' or 'guarded'")

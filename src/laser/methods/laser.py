@@ -21,8 +21,10 @@ class SiteState:
 
     Attributes:
         dim: width D of the site.
-        basis: (D, k) fp32 orthonormal basis; ``None`` during the site's first step, whose activations
-            are sampled to initialise it by a top-k SVD (each coded meanwhile against its own basis).
+        basis: (D, k + p) fp32 orthonormal basis, columns ordered by energy (``p``: ``oversample``, where
+            D allows); ``None`` during the site's first step, whose activations are sampled to initialise it
+            by a top-k SVD (each coded meanwhile against its own basis).
+        rank: the rank ``k`` codes are made with: the leading ``k`` columns of ``basis``.
         low_steps: consecutive steps with fidelity under the threshold (``c`` in Algorithm 1).
         expansions / resets: cumulative counts (an expansion that added no column is not counted).
         resets_in_a_row: resets since the site last reached its threshold.
@@ -35,6 +37,7 @@ class SiteState:
 
     dim: int
     basis: torch.Tensor | None = None
+    rank: int = 0
     low_steps: int = 0
     expansions: int = 0
     resets: int = 0
@@ -146,22 +149,24 @@ class Compressor(ActivationMethod):
             stats = self.stats[site] = StepStats()
         if state.basis is None:
             return self._encode_first_step(stats, state, x)
-        rank = state.basis.shape[1]
+        rank = state.rank
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return Reason.FROZEN
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
         if stats.encoded == 0 and not self._step_pays(stats, x, rank, compute):
             return Reason.PENDING
-        basis = self._basis_in(state, stats, compute)  # (D, k)
-        xc = x.to(basis.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
-        codes = xc @ basis  # (N, k)
+        tracked = self._basis_in(state, stats, compute)  # (D, k + p)
+        xc = x.to(tracked.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
+        projected = xc @ tracked  # (N, k + p): all of it feeds the power step, the leading k are stored
+        codes = projected[:, :rank] if projected.shape[1] > rank else projected  # (N, k)
         x_sq, codes_sq = squared_norm(xc), squared_norm(codes)
-        self._accumulate(state, stats, xc, codes)
+        stats.rank = rank
+        self._accumulate(state, stats, xc, projected)
         stats.tracked.add(codes_sq, x_sq, codes_sq)
         if not self._guard_passes(codes_sq, x_sq):  # the only read of a device value during the forward
             return Reason.GUARD
-        return self._store(stats, codes, basis, x, x_sq, codes_sq)
+        return self._store(stats, codes, tracked[:, :rank], x, x_sq, codes_sq, shared=tracked)
 
     def _step_pays(self, stats: StepStats, x: torch.Tensor, rank: int, compute: torch.dtype) -> bool:
         """Break-even on the current step: the site's first coded tensor of a step is charged its basis, the
@@ -201,8 +206,12 @@ class Compressor(ActivationMethod):
         return self._store(stats, codes, basis, x, x_sq, codes_sq)
 
     def _store(self, stats: StepStats, codes: torch.Tensor, basis: torch.Tensor, x: torch.Tensor,
-               x_sq: torch.Tensor, codes_sq: torch.Tensor) -> Packed:
+               x_sq: torch.Tensor, codes_sq: torch.Tensor, shared: torch.Tensor | None = None) -> Packed:
+        """Make the record of ``codes`` against ``basis``; ``shared`` is the whole basis it is part of (the
+        tracked columns beyond the coded rank), counted once per step with the site's records."""
         record = make_codes(codes, basis, x.dtype, self.config.quantize)
+        if shared is not None:
+            record.shared = (shared,)
         add_stored(stats.stored, x_sq, codes_sq, codes, record)
         stats.encoded += 1
         return record
@@ -223,9 +232,9 @@ class Compressor(ActivationMethod):
         return cfg.policy != "guarded" or bool(codes_sq >= cfg.threshold**2 * x_sq)
 
     def _accumulate(self, state: SiteState, stats: StepStats, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32) and the row sample."""
+        """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32, Z over every tracked column) and the
+        row sample."""
         cfg = self.config
-        stats.rank = codes.shape[1]
         rows, row_codes = x, codes
         if cfg.accumulate_stride > 1 and len(x) > cfg.accumulate_stride:
             # A random offset per tensor, so a row layout with a period dividing the stride (tokens of a
@@ -272,7 +281,7 @@ class Compressor(ActivationMethod):
         cfg = self.config
         if state.basis is None:
             if stats.sample is not None:
-                state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.update_generator)
+                self._reset(state, stats)
             return
         if stats.accumulator is None:
             return
@@ -289,16 +298,25 @@ class Compressor(ActivationMethod):
         state.low_steps += 1
         if state.low_steps < cfg.patience:
             rows = subspace.top_rows(stats.sample, stats.sample_keys, cfg.growth)
-            grown = subspace.expand(state.basis, rows, cfg.rank_ceiling)
-            state.expansions += grown.shape[1] > state.basis.shape[1]
-            state.basis = grown
+            grown = subspace.expand(state.basis, rows, cfg.rank_ceiling + cfg.oversample)
+            added = grown.shape[1] - state.basis.shape[1]
+            state.expansions += added > 0
+            state.basis, state.rank = grown, min(state.rank + added, cfg.rank_ceiling, grown.shape[1])
         elif state.resets_in_a_row >= cfg.max_resets:
             state.untracked = True
         else:
-            state.basis = subspace.top_k_basis(stats.sample, cfg.rank, self.update_generator)
+            self._reset(state, stats)
             state.low_steps = 0
             state.resets += 1
             state.resets_in_a_row += 1
+
+    def _reset(self, state: SiteState, stats: StepStats) -> None:
+        """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns and up
+        to ``oversample`` more tracked (Algorithm 1 lines 1 and 19)."""
+        cfg = self.config
+        state.rank = min(cfg.rank, state.dim)
+        state.basis = subspace.top_k_basis(stats.sample, min(state.rank + cfg.oversample, state.dim),
+                                           self.update_generator)
 
     def _synchronize(self) -> None:
         """Make every rank see the statistics of all ranks, so all make the same basis update.
