@@ -102,3 +102,41 @@ def test_exact_on_activations_within_the_coded_rank(oversample):
         comp.step()
     twin(x).square().sum().backward()
     assert (lin.weight.grad - twin.weight.grad).norm() <= 1e-4 * twin.weight.grad.norm()
+
+
+@settings(max_examples=25, deadline=None)
+@given(spectrum=st.lists(st.floats(0.0, 10.0), min_size=2, max_size=12), error=st.floats(0.01, 0.9))
+def test_rank_for_error_is_the_smallest_rank_meeting_the_error(spectrum, error):
+    d = len(spectrum)
+    frame = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).Q
+    x = torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ frame.T  # singular values = spectrum
+    k = subspace.rank_for_error(x, error)
+    energy = sorted((v * v for v in spectrum), reverse=True)
+    total = sum(energy)
+
+    def err(j):
+        return math.sqrt(max(0.0, sum(energy[j:]) / total)) if total else 0.0
+
+    assert 1 <= k <= d
+    assert err(k) <= error + 1e-9
+    assert k == 1 or err(k - 1) > error - 1e-9
+
+
+def test_max_error_gives_each_site_the_rank_its_spectrum_needs():
+    torch.manual_seed(0)
+    d, n = 64, 1024
+    model = nn.ModuleDict({"a": nn.Linear(d, d), "b": nn.Linear(d, d)})
+    x_a = torch.randn(n, 3) @ torch.randn(3, d)  # exactly rank 3
+    x_b = torch.randn(n, 12) @ torch.randn(12, d)  # exactly rank 12
+    comp = laser.Compressor(model, laser.LaserConfig(rank=32, max_error=0.01, min_numel=0, policy="paper"))
+    for _ in range(2):
+        with comp:
+            (model["a"](x_a).sum() + model["b"](x_b).sum()).backward()
+        comp.step()
+    assert comp.sites["a/input:64"].rank == 3 and comp.sites["b/input:64"].rank == 12
+    with comp:
+        (model["a"](x_a).sum() + model["b"](x_b).sum()).backward()
+    report = comp.report()
+    assert report.site("a/input:64").fidelity > 0.9999 and report.site("b/input:64").fidelity > 0.9999
+    with pytest.raises(ValueError, match="max_error=1.5"):
+        laser.LaserConfig(max_error=1.5)

@@ -69,6 +69,8 @@ _TYPES = {
     "bool": (lambda v: isinstance(v, bool), "True or False"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "float | None": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                     "a number or None"),
     "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
 }
 
@@ -116,6 +118,11 @@ class LaserConfig(SiteFilter):
             energy, so the coded subspace converges at the rate of the ``(rank + oversample + 1)``-th
             singular value instead of the ``(rank + 1)``-th, for ``oversample / rank`` more projection FLOPs
             and no more stored bytes than the extra basis columns. 0: Algorithm 1.
+        max_error: a target instead of a rank: at initialisation and at every reset, each site gets the
+            smallest rank (up to ``max_rank``) whose top-k SVD of its sampled rows has a relative
+            reconstruction error ``||X - X_k|| / ||X||`` of at most this (``rank`` is then only the rank a site
+            starts its first step at); pair it with ``threshold = sqrt(1 - max_error**2)``, the fidelity that
+            error means. ``None``: every site starts at ``rank``.
         accumulate_stride: the power-iteration statistic ``M += X^T Z`` uses every this-many-th row of each
             tensor (a strided view from a random offset: no copy). 1 is Algorithm 1 exactly; ``s`` divides
             the cost of that matmul, a third of LASER's extra FLOPs, by ``s``, while ``M`` stays an unbiased
@@ -147,6 +154,7 @@ class LaserConfig(SiteFilter):
     patience: int = 2
     power_iters: int = 1
     oversample: int = 0
+    max_error: float | None = None
     accumulate_stride: int = 1
     policy: str = "guarded"
     matmul_dtype: str = "auto"
@@ -166,6 +174,8 @@ class LaserConfig(SiteFilter):
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
         _require(self.oversample >= 0, "oversample", self.oversample, "must be >= 0 (0: Algorithm 1)")
+        _require(self.max_error is None or 0.0 < self.max_error < 1.0, "max_error", self.max_error,
+                 "must be in (0, 1) (a relative reconstruction error) or None")
         _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,
                  "must be >= 1 (1: every row)")
         _require(self.policy in ("paper", "guarded"), "policy", self.policy, "use 'paper' or 'guarded'")

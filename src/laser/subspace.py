@@ -145,6 +145,17 @@ def expand(basis: torch.Tensor, rows: torch.Tensor, max_rank: int) -> torch.Tens
     return torch.cat([basis, new_columns], dim=1)
 
 
+def rank_for_error(x: torch.Tensor, max_error: float) -> int:
+    """The smallest rank whose top-k SVD reconstructs ``x`` (N, D) with relative error ``||X - X_k|| / ||X||``
+    at most ``max_error`` (Eckart-Young: the error is the root of the discarded share of ``sum s_i^2``)."""
+    with one_thread():
+        energy = torch.linalg.svdvals(x.double()).square()
+    if energy.sum() == 0:
+        return 1
+    discarded = 1.0 - energy.cumsum(0) / energy.sum()  # after keeping 1, 2, ... columns
+    return int((discarded > max_error**2).sum()) + 1
+
+
 def fidelity(codes_sq: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
     """``F = ||Z||_F / ||X||_F`` from squared norms; equals cos(X, Z Q^T) for orthonormal Q (Prop. 1)."""
     return (codes_sq / x_sq.clamp_min(torch.finfo(torch.float32).tiny)).sqrt().clamp(max=1.0)

@@ -1,4 +1,5 @@
-"""PNG figures for the analyses: spectra, fidelity over training, histograms, generic lines and scatters.
+"""PNG figures for the analyses: spectra, fidelity over training, histograms, generic lines and scatters, and
+the comparison's Pareto views and gradient cosine over training (the baseline marked in both).
 
 Figures are built with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), so no
 pyplot global state or interactive backend is touched. Each function writes one PNG (parent folders are
@@ -165,3 +166,84 @@ def plot_scatter(
     ax.margins(0.15)  # room for the labels of points at the edges
     _style(ax, xlabel, ylabel, title, legend=False)
     return _finish(fig, path)
+
+
+BASELINE_STYLE = {"marker": "*", "markersize": 14, "color": "black"}
+
+
+def _baseline_label(label: str) -> str:
+    return f"{label} (baseline)"
+
+
+def pareto_figure(points: dict[str, dict[str, float]], baseline: str, trivial: float | None = None) -> Figure:
+    """Memory against solve rate and against step time, one point per method, the baseline a black star.
+
+    ``points[label]`` holds ``memory`` (MiB, drawn on a log axis), ``solve`` and ``solve_std`` (%), ``time``
+    and ``time_std`` (step time over the baseline's). ``trivial`` (%), if given, is a dashed line on the solve
+    panel. Each point carries its label in the legend and beside it; the baseline's reads "LABEL (baseline)".
+    """
+    _check_nonempty(points, "points")
+    fig = Figure(figsize=(11, 4.4))
+    solve_ax, time_ax = fig.subplots(1, 2)
+    for label, p in points.items():
+        style = BASELINE_STYLE if label == baseline else {"marker": "o"}
+        name = _baseline_label(label) if label == baseline else label
+        for ax, y, err in ((solve_ax, p["solve"], p["solve_std"]), (time_ax, p["time"], p["time_std"])):
+            ax.errorbar([p["memory"]], [y], yerr=[err], linestyle="none", label=name, **style)
+            ax.annotate(name, (p["memory"], y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if trivial is not None:
+        solve_ax.axhline(trivial, color="gray", linestyle="--", label="trivial (copy input)")
+    # Log memory axis: the methods span two orders of magnitude and would crowd the left edge.
+    for ax in (solve_ax, time_ax):
+        ax.set_xscale("log")
+        ax.margins(0.15)
+    _style(solve_ax, "saved activations (MiB, log)", "val solve rate (%)", "Memory vs solve rate")
+    _style(time_ax, "saved activations (MiB, log)", "step time / baseline", "Memory vs step time")
+    return fig
+
+
+def plot_pareto(points: dict[str, dict[str, float]], path: str | Path, baseline: str,
+                trivial: float | None = None) -> Path:
+    """:func:`pareto_figure` written to ``path``."""
+    return _finish(pareto_figure(points, baseline, trivial), path)
+
+
+def gradient_cosine_figure(curves: dict[str, list[tuple[int, float, float]]], baseline: str) -> Figure:
+    """Whole-model gradient cosine against the exact gradient over training, one line per method.
+
+    ``curves[label]`` is ``[(step, mean, std), ...]`` over seeds. Left: the cosine (error bars: std over
+    seeds), the baseline a black dashed line of stars labelled "LABEL (baseline)". Right: ``1 - cosine`` on a
+    log axis, where the near-1 cosines of the faithful methods separate (points at or within 1e-12 of an
+    exact 1 cannot be drawn there and are left out). Methods without probe points are left out; with none at
+    all the figure says so.
+    """
+    fig = Figure(figsize=(11, 4.4))
+    cos_ax, gap_ax = fig.subplots(1, 2)
+    drawn = {label: sorted(points) for label, points in curves.items() if points}
+    if not drawn:
+        for ax in (cos_ax, gap_ax):
+            ax.text(0.5, 0.5, "no gradient probes in these runs (grad_probe_at=())", ha="center", va="center")
+            ax.set_axis_off()
+        return fig
+    for label, points in drawn.items():
+        steps, means, stds = (list(column) for column in zip(*points, strict=True))
+        if label == baseline:
+            style = {**BASELINE_STYLE, "markersize": 10, "linestyle": "--"}
+            name = _baseline_label(label)
+        else:
+            style, name = {"marker": "o", "markersize": 4}, label
+        cos_ax.errorbar(steps, means, yerr=stds, label=name, capsize=2, **style)
+        gap = [(s, 1 - m) for s, m in zip(steps, means, strict=True) if 1 - m > 1e-12]
+        if gap:
+            gap_ax.plot(*zip(*gap, strict=True), label=name, **style)
+    _style(cos_ax, "optimizer step", "gradient cosine (whole model)", "Gradient cosine vs the exact gradient")
+    gap_ax.set_yscale("log")
+    _style(gap_ax, "optimizer step", "1 - gradient cosine (log)", "Distance from the exact gradient",
+           legend=bool(gap_ax.get_legend_handles_labels()[1]))
+    return fig
+
+
+def plot_gradient_cosine(curves: dict[str, list[tuple[int, float, float]]], path: str | Path,
+                         baseline: str) -> Path:
+    """:func:`gradient_cosine_figure` written to ``path``."""
+    return _finish(gradient_cosine_figure(curves, baseline), path)

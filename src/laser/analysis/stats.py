@@ -1,6 +1,7 @@
-"""Distribution statistics and simulated quantization of activation matrices (paper A.3/A.4).
+"""Distribution statistics and simulated quantization of activation matrices (paper A.3/A.4), and the
+seed statistics of a comparison (Welch t-test, smallest detectable difference).
 
-All functions take an activation matrix ``x`` of shape ``(N, D)`` and compute in fp64 over row chunks.
+The activation functions take a matrix ``x`` of shape ``(N, D)`` and compute in fp64 over row chunks.
 "Relative MSE" is ``||x - x_hat||^2 / ||x||^2``: the fraction of activation energy lost to the error.
 """
 
@@ -215,3 +216,97 @@ def pca_int8_stats(x: Tensor, ranks: Sequence[int] = (64, 128, 256)) -> list[dic
             }
         )
     return rows
+
+
+# -----------------------------------------------------------------------------
+# seed statistics: is a difference between two methods larger than their seeds can tell?
+
+WELCH_TEST = "Welch t-test (two-sided, unequal variances) over seeds"
+
+
+def _sample_variance(values: Sequence[float]) -> float:
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def welch_df(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Welch-Satterthwaite degrees of freedom of ``a`` against ``b``.
+
+    ``(s_a^2/n_a + s_b^2/n_b)^2 / ((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1))`` with sample variances;
+    None with fewer than 2 values in either, or no spread in both (0/0).
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = _sample_variance(a) / len(a), _sample_variance(b) / len(b)
+    if va == 0 and vb == 0:
+        return None
+    va, vb = va / max(va, vb), vb / max(va, vb)  # scale-free: tiny variances' squares would underflow
+    return (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+
+
+def min_detectable_difference(
+    a: Sequence[float], b: Sequence[float], alpha: float = 0.05, power: float = 0.8
+) -> float | None:
+    """Smallest difference of means a two-sided Welch t-test at ``alpha`` detects with probability ``power``
+    at the seeds' spread: ``(t_{1-alpha/2, df} + t_{power, df}) * sqrt(s_a^2/n_a + s_b^2/n_b)``, ``df`` the
+    Welch-Satterthwaite degrees of freedom and ``s`` the sample standard deviations.
+
+    None when undefined: fewer than 2 seeds in either arm (no spread to estimate), or no spread in both.
+    """
+    from scipy import stats
+
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"alpha={alpha} and power={power} must both lie in (0, 1)")
+    df = welch_df(a, b)
+    if df is None:
+        return None
+    se = math.sqrt(_sample_variance(a) / len(a) + _sample_variance(b) / len(b))
+    return float(stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """``mean(a) - mean(b)`` with its Welch test and the smallest difference the seeds could detect.
+
+    ``p_value`` and ``min_detectable`` are None when undefined; ``note`` then says why. ``told_apart``: the
+    seeds tell the two apart: ``|difference| >= min_detectable`` (which implies ``p_value < alpha``); with no
+    spread in either arm (every seed agreeing exactly) any non-zero difference; with a single seed in either
+    arm, never.
+    """
+
+    difference: float
+    p_value: float | None
+    min_detectable: float | None
+    told_apart: bool
+    seeds: tuple[int, int]
+    test: str = WELCH_TEST
+    alpha: float = 0.05
+    power: float = 0.8
+    note: str = ""
+
+
+def seed_difference(
+    a: Sequence[float], b: Sequence[float], alpha: float = 0.05, power: float = 0.8
+) -> SeedDifference:
+    """Compare the per-seed values ``a`` of one method with ``b`` of another (see :class:`SeedDifference`).
+
+    The p-value is Welch's: ``t = (mean(a) - mean(b)) / sqrt(s_a^2/n_a + s_b^2/n_b)``, two-sided, on the
+    Welch-Satterthwaite degrees of freedom, the same ``df`` as :func:`min_detectable_difference`'s.
+    """
+    from scipy import stats
+
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if not a or not b:
+        raise ValueError(f"need at least one value on each side, got {len(a)} and {len(b)}")
+    difference = math.fsum(a) / len(a) - math.fsum(b) / len(b)
+    seeds = (len(a), len(b))
+    if min(seeds) < 2:
+        return SeedDifference(difference, None, None, False, seeds, alpha=alpha, power=power,
+                              note="1 seed: no test, so the seeds cannot tell any difference apart")
+    mdd = min_detectable_difference(a, b, alpha, power)
+    if mdd is None:
+        return SeedDifference(difference, None, None, difference != 0, seeds, alpha=alpha, power=power,
+                              note="no spread across seeds in either method, so no t-test")
+    se = math.sqrt(_sample_variance(a) / len(a) + _sample_variance(b) / len(b))
+    p = float(2 * stats.t.sf(abs(difference) / se, welch_df(a, b)))
+    return SeedDifference(difference, p, mdd, abs(difference) >= mdd, seeds, alpha=alpha, power=power)

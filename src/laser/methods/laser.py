@@ -311,10 +311,13 @@ class Compressor(ActivationMethod):
             state.resets_in_a_row += 1
 
     def _reset(self, state: SiteState, stats: StepStats) -> None:
-        """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns and up
-        to ``oversample`` more tracked (Algorithm 1 lines 1 and 19)."""
+        """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns (or, with
+        ``max_error``, as many as the sample needs for that error) and up to ``oversample`` more tracked
+        (Algorithm 1 lines 1 and 19)."""
         cfg = self.config
         state.rank = min(cfg.rank, state.dim)
+        if cfg.max_error is not None:
+            state.rank = min(subspace.rank_for_error(stats.sample, cfg.max_error), cfg.rank_ceiling, state.dim)
         state.basis = subspace.top_k_basis(stats.sample, min(state.rank + cfg.oversample, state.dim),
                                            self.update_generator)
 

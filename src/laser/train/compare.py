@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from laser.analysis.stats import WELCH_TEST, SeedDifference, seed_difference
 from laser.report import format_bytes
 from laser.train.config import (
     MethodSpec,
@@ -201,7 +202,7 @@ def compare(
 
     results = {label: _entry(label, labels, baseline, seeds, runs) for label in labels}
     write_json(out / "results.json", results)
-    plots = write_plots(results, out)
+    plots = write_plots(results, out, baseline)
     table = markdown_table(results, baseline)
     (out / "report.md").write_text(
         render_report(results, resolved, table, plots, wall, baseline) + "\n"
@@ -253,6 +254,11 @@ def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs:
         "trivial_solve_rate": mine[0]["trivial_solve_rate"],
         "p_value": None if is_baseline else welch_p_value(solve, [b["final"]["solve_rate"] for b in base]),
         "p_value_token_acc": None if is_baseline else welch_p_value(acc, [b["final"]["token_acc"] for b in base]),
+        "test": None if is_baseline else WELCH_TEST,
+        "min_detectable_difference": None if is_baseline else seed_difference(
+            solve, [b["final"]["solve_rate"] for b in base]).min_detectable,
+        "min_detectable_difference_token_acc": None if is_baseline else seed_difference(
+            acc, [b["final"]["token_acc"] for b in base]).min_detectable,
         "gradient_cosine": {
             "model": summarize([p[-1]["model"] for p in probes if p]),
             "curve": [{"step": point["step"], "model": summarize([p[i]["model"] for p in probes])}
@@ -327,41 +333,130 @@ def pareto_front(results: dict) -> list[str]:
             if not any(dominates(other, mine) for other_label, other in axes.items() if other_label != label)]
 
 
+def _points(x: float) -> str:
+    return f"{100 * x:.1f} points"
+
+
+def _evidence(d: SeedDifference, amount: Callable[[float], str]) -> str:
+    """How ``d`` was judged: the difference, the smallest one its seeds could detect, the test and p."""
+    signed = ("+" if d.difference > 0 else "") + amount(d.difference)
+    if d.min_detectable is None:
+        return f"difference {signed}; {d.note}" + ("; every seed agrees, so they are told apart" if d.told_apart
+                                                   else "")
+    p = f"Welch t-test p = {d.p_value:.3g}"
+    if d.told_apart:
+        return f"difference {signed}, at least the {amount(d.min_detectable)} the seeds could detect; {p}"
+    caveat = (f" < {d.alpha:g}, but a difference this small is detected less than {100 * d.power:.0f}% of the "
+              "time at these seeds" if d.p_value < d.alpha else "")
+    return f"difference {signed}, under the {amount(d.min_detectable)} the seeds could detect; {p}{caveat}"
+
+
+def _axis_line(title: str, results: dict, baseline: str, stat: Callable[[dict], dict | None], lower: bool,
+               show: Callable[[dict], str], amount: Callable[[float], str]) -> str | None:
+    """One "who wins" bullet over every method, the baseline included; the best mean is named a winner only
+    when its seeds tell it apart from the one it is compared with (the baseline, or the best other method
+    when the baseline itself is best)."""
+    pool = {label: stat(e) for label, e in results.items()}
+    pool = {label: v for label, v in pool.items() if v is not None and v["mean"] is not None}
+    if not pool:
+        return None
+    order = sorted(pool, key=lambda label: ((1 if lower else -1) * pool[label]["mean"], label != baseline))
+    best = order[0]
+
+    def named(label: str) -> str:  # the baseline is always introduced as "the baseline" in the line
+        return f"**{label}** ({show(results[label])})"
+
+    if baseline not in pool:
+        return f"- {title}: {named(best)}; the baseline {baseline} has no value on this axis"
+    if best == baseline:
+        if len(order) == 1:
+            return f"- {title}: the baseline {named(baseline)}; no other method has a value on this axis"
+        runner = order[1]
+        d = seed_difference(pool[runner]["per_seed"], pool[baseline]["per_seed"])
+        if d.told_apart:
+            return (f"- {title}: the baseline {named(baseline)}; among the other methods {named(runner)}, "
+                    f"behind it: {_evidence(d, amount)}")
+        if d.difference == 0:
+            return (f"- {title}: a tie: the baseline {named(baseline)} and {named(runner)} have equal means "
+                    f"({_evidence(d, amount)}); neither is named the winner")
+        return (f"- {title}: the seeds cannot tell the baseline {named(baseline)} from {named(runner)}, the best "
+                f"of the other methods ({_evidence(d, amount)}); neither is named the winner")
+    d = seed_difference(pool[best]["per_seed"], pool[baseline]["per_seed"])
+    if d.told_apart:
+        return f"- {title}: {named(best)}, ahead of the baseline {named(baseline)}: {_evidence(d, amount)}"
+    return (f"- {title}: the seeds cannot tell {named(best)}, the best mean, from the baseline "
+            f"{named(baseline)} ({_evidence(d, amount)}); neither is named the winner")
+
+
 def axis_winners(results: dict, baseline: str) -> list[str]:
-    """Plain-language lines: who wins on which axis, measured (markdown bullets)."""
+    """Plain-language lines: who wins on which axis, measured, every method and the baseline among the
+    candidates (markdown bullets). A best mean is named the winner only when the seeds tell it apart (see
+    :func:`laser.analysis.stats.seed_difference`); each line states the difference, the smallest difference
+    the seeds could detect and the Welch p-value it was judged by."""
     base = results[baseline]
-    others = {label: e for label, e in results.items() if label != baseline}
-    if not others:
+    if len(results) < 2:
         return []
-    keeping = {label: e for label, e in others.items() if keeps_accuracy(e, base)}
-
-    def best(pool: dict, key: Callable[[dict], float]) -> str:
-        return min(pool, key=lambda label: key(pool[label]))
-
-    def memory(e: dict) -> float:
-        return e["activation_bytes"]["mean"]
-
-    label = best(others, memory)
-    ratio = others[label]["activation_ratio"]["mean"]
-    lines = [f"- least activation memory: **{label}** ({ratio:.3f} of the baseline)"]
-    if keeping:
-        label = best(keeping, memory)
+    lines = [_axis_line(
+        "least activation memory", results, baseline, lambda e: e["activation_bytes"], lower=True,
+        show=lambda e: f"{e['activation_ratio']['mean']:.3f} of the baseline's", amount=format_bytes)]
+    keeping = {label: e for label, e in results.items() if label == baseline or keeps_accuracy(e, base)}
+    label = min(keeping, key=lambda m: (keeping[m]["activation_bytes"]["mean"], m != baseline))
+    if label == baseline:
+        lines.append("- least activation memory with a solve rate not significantly below the baseline's: the "
+                     f"baseline **{baseline}** itself: every other method's solve rate is significantly lower")
+    else:
         e = keeping[label]
+        d = seed_difference(e["solve_rate"]["per_seed"], base["solve_rate"]["per_seed"])
         lines.append(f"- least activation memory with a solve rate not significantly below the baseline's "
                      f"(Welch p >= 0.05 or a higher mean): **{label}** ({e['activation_ratio']['mean']:.3f}, "
-                     f"solve {_pm(e['solve_rate'], percent=True, digits=1)})")
-    else:
-        lines.append("- no method kept a solve rate statistically indistinguishable from the baseline's")
-    label = best(others, lambda e: e["step_time_ratio"]["mean"])
-    lines.append(f"- fastest: **{label}** ({_pm(others[label]['step_time_ratio'])} x the baseline's step time)")
-    label = best(others, lambda e: -(e["gradient_cosine"]["model"]["mean"] or 0.0))
-    cosine = others[label]["gradient_cosine"]["model"]["mean"]
-    lines.append(f"- most faithful gradients: **{label}** (cosine {cosine:.4f})")
-    label = best(others, lambda e: -e["solve_rate"]["mean"])
-    lines.append(f"- highest solve rate: **{label}** ({_pm(others[label]['solve_rate'], percent=True, digits=1)})")
-    lines.append("- Pareto front (activation memory, step time, solve rate): "
-                 + ", ".join(f"**{m}**" for m in pareto_front(results)))
-    return lines
+                     f"solve {_pm(e['solve_rate'], percent=True, digits=1)} against the baseline's "
+                     f"{_pm(base['solve_rate'], percent=True, digits=1)}; {_evidence(d, _points)})")
+    lines.append(_axis_line(
+        "fastest", results, baseline, lambda e: e["step_time_ratio"], lower=True,
+        show=lambda e: f"step time {_pm(e['step_time_ratio'])} x the baseline's", amount=lambda x: f"{x:.2f}x"))
+    lines.append(_axis_line(
+        "most faithful gradients", results, baseline, lambda e: e["gradient_cosine"]["model"], lower=False,
+        show=lambda e: f"cosine {e['gradient_cosine']['model']['mean']:.4f}", amount=lambda x: f"{x:.4f}")
+        or "- most faithful gradients: no gradient probes in these runs")
+    lines.append(_axis_line(
+        "highest solve rate", results, baseline, lambda e: e["solve_rate"], lower=False,
+        show=lambda e: _pm(e["solve_rate"], percent=True, digits=1), amount=_points))
+    lines.append("- Pareto front (activation memory, step time, solve rate; means, the baseline included): "
+                 + ", ".join(f"**{m}**" + (" (baseline)" if m == baseline else "") for m in pareto_front(results)))
+    return [line for line in lines if line is not None]
+
+
+def accuracy_tests(results: dict, baseline: str) -> list[str]:
+    """Markdown table: each method's solve-rate and token-accuracy difference from the baseline, its test,
+    p-value, the smallest difference its seeds could detect and whether they tell the two apart."""
+    base = results[baseline]
+    rows = []
+    for label, e in results.items():
+        if label == baseline:
+            continue
+        for metric, name in (("solve_rate", "solve rate"), ("token_acc", "token acc")):
+            if metric not in e or metric not in base:
+                continue
+            d = seed_difference(e[metric]["per_seed"], base[metric]["per_seed"])
+            if d.told_apart:
+                verdict = f"told apart: {'higher' if d.difference > 0 else 'lower'} than the baseline"
+            elif d.difference == 0:
+                verdict = "equal means"
+            else:
+                verdict = "the seeds cannot tell them apart"
+            if d.note:
+                verdict += f" ({d.note})"
+            rows.append(f"| {label} | {name} | {100 * d.difference:+.2f} points | Welch t-test | "
+                        f"{'-' if d.p_value is None else f'{d.p_value:.3g}'} | "
+                        f"{'-' if d.min_detectable is None else _points(d.min_detectable)} | {verdict} |")
+    if not rows:
+        return []
+    return [f"Difference: the method's mean over seeds minus the baseline's ({baseline}). Test: {WELCH_TEST}, "
+            "alpha 0.05. Smallest detectable: the difference that test detects with 80% power at the seeds' "
+            "spread, (t(0.975, df) + t(0.8, df)) * sqrt(s1^2/n1 + s2^2/n2) with Welch's df; undefined with one "
+            "seed. A difference under it is one these seeds cannot tell from noise.", "",
+            "| method | metric | difference | test | p | smallest detectable | verdict |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def gradient_curve_table(results: dict) -> list[str]:
@@ -381,6 +476,7 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
     """The whole report.md."""
     first = next(iter(results.values()))
     seeds = first["seeds"]
+    tests = accuracy_tests(results, baseline)
     lines = [
         f"# laser compare: preset {resolved['preset'] or '(custom)'}, {len(seeds)} seed(s) {seeds}",
         "",
@@ -395,6 +491,7 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         table,
         "",
         *(["## Who wins on which axis", "", *axis_winners(results, baseline), ""] if len(results) > 1 else []),
+        *(["## Accuracy against the baseline", "", *tests, ""] if tests else []),
         "Method options as run (preset defaults included): "
         + "; ".join(f"{label}: {e['name']} {e['options'] or '(defaults)'}" for label, e in results.items()) + ".",
         "",
@@ -408,7 +505,8 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "`wall_step_time_ratio` in results.json), on a GPU the synchronised wall time.",
         "- val token acc / solve rate: final validation accuracy per cell and whole-grid exact match, "
         "mean ± std over seeds; p: Welch t-test of the solve rate against the baseline (- for the baseline, "
-        "a single seed, or no variance).",
+        "a single seed, or no variance); the smallest difference the seeds could detect is in *Accuracy "
+        "against the baseline* and results.json (`min_detectable_difference`).",
         "- grad cosine: cosine between the method's parameter gradient and the exact one (same weights, method "
         "off) on two fixed validation batches at the end of training, mean over seeds.",
         "- `+checkpoint`: each recursion step's `net` call is recomputed in backward (`torch.utils.checkpoint`, "
@@ -429,7 +527,8 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
     curve = gradient_curve_table(results)
     if curve:
         lines += ["", "Whole-model gradient cosine against the exact gradient at points of training (same weights, "
-                  "same fixed validation batches; mean ± std over seeds):", "", *curve]
+                  "same fixed validation batches; mean ± std over seeds; plotted in "
+                  "[grad_cosine.png](grad_cosine.png)):", "", *curve]
     for label, e in results.items():
         sites = e["report"]["sites"]
         site_cos = e["gradient_cosine"]["sites"]
@@ -468,8 +567,14 @@ def _mean_curve(entry: dict, key: str) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(c[i][key] for c in usable) for i in range(len(steps))]
 
 
-def write_plots(results: dict, out: Path) -> list[str]:
-    """Validation curves, activation memory, per-site ranks and the two Pareto views, as PNGs in ``out``."""
+def write_plots(results: dict, out: Path, baseline: str | None = None) -> list[str]:
+    """Validation curves, activation memory, per-site ranks, the two Pareto views and the gradient cosine over
+    training (the baseline, by default the entry flagged ``baseline``, marked in the last two), as PNGs in
+    ``out``."""
+    from laser.analysis.plots import plot_gradient_cosine, plot_pareto
+
+    if baseline is None:
+        baseline = next((label for label, e in results.items() if e.get("baseline")), next(iter(results)))
     names = []
     trivial = next(iter(results.values()))["trivial_solve_rate"]
 
@@ -515,20 +620,15 @@ def write_plots(results: dict, out: Path) -> list[str]:
     fig.savefig(out / "ranks.png")
     names.append("ranks.png")
 
-    fig, (mem_solve, mem_time) = _figure(11, 4, 2)
-    for label, e in results.items():
-        x = e["activation_bytes"]["mean"] / 2**20
-        mem_solve.errorbar(x, 100 * e["solve_rate"]["mean"], yerr=100 * e["solve_rate"]["std"], fmt="o")
-        mem_solve.annotate(label, (x, 100 * e["solve_rate"]["mean"]), fontsize=7)
-        mem_time.errorbar(x, e["step_time_ratio"]["mean"], yerr=e["step_time_ratio"]["std"], fmt="o")
-        mem_time.annotate(label, (x, e["step_time_ratio"]["mean"]), fontsize=7)
-    mem_solve.axhline(100 * trivial, color="gray", linestyle="--")
-    # Log memory axis: the methods span two orders of magnitude and would crowd the left edge.
-    mem_solve.set(xlabel="saved activations (MiB, log)", ylabel="val solve rate (%)", title="Memory vs solve rate",
-                  xscale="log")
-    mem_time.set(xlabel="saved activations (MiB, log)", ylabel="step time / baseline", title="Memory vs step time",
-                 xscale="log")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png")
+    points = {label: {"memory": e["activation_bytes"]["mean"] / 2**20, "solve": 100 * e["solve_rate"]["mean"],
+                      "solve_std": 100 * e["solve_rate"]["std"], "time": e["step_time_ratio"]["mean"],
+                      "time_std": e["step_time_ratio"]["std"]} for label, e in results.items()}
+    plot_pareto(points, out / "pareto.png", baseline, trivial=100 * trivial)
     names.append("pareto.png")
+
+    curves = {label: [(point["step"], point["model"]["mean"], point["model"]["std"])
+                      for point in e["gradient_cosine"]["curve"] if point["model"]["mean"] is not None]
+              for label, e in results.items()}
+    plot_gradient_cosine(curves, out / "grad_cosine.png", baseline)
+    names.append("grad_cosine.png")
     return names
