@@ -34,11 +34,13 @@ def test_compare_smoke_writes_report_and_results(tmp_path, capsys):
             assert len(entry[key]["per_seed"]) == 2
         assert 0 <= entry["trivial_solve_rate"] <= 1
         assert "p_value" in entry and "p_value_token_acc" in entry
+        assert {"test", "min_detectable_difference", "min_detectable_difference_token_acc"} <= set(entry)
         assert entry["peak_memory_bytes"]["mean"] > 2**20
         assert set(entry["gradient_cosine"]) == {"model", "curve", "sites"}
         assert 0 <= entry["compression_share"]["mean"] < 1
     base, lossy = results["none"], results[methods[1]]
     assert base["p_value"] is None and base["step_time_ratio"]["per_seed"] == [1.0, 1.0]
+    assert base["test"] is None and lossy["test"].startswith("Welch t-test")
     assert base["activation_ratio"]["mean"] == 1.0
     assert lossy["activation_bytes"]["mean"] < base["activation_bytes"]["mean"]
     assert base["gradient_cosine"]["model"]["mean"] == pytest.approx(1.0, abs=1e-12)
@@ -46,7 +48,11 @@ def test_compare_smoke_writes_report_and_results(tmp_path, capsys):
     for label in methods:
         assert f"| {label}" in report
     assert "Trivial solve rate" in report and "Wall time" in report
-    for png in ("val_curves.png", "activation_memory.png", "ranks.png", "pareto.png"):
+    assert "## Accuracy against the baseline" in report and "smallest detectable" in report
+    winners = report.split("## Who wins on which axis")[1].split("\n## ")[0].splitlines()
+    for axis in ("fastest", "most faithful gradients", "highest solve rate"):  # the baseline is on every line
+        assert "the baseline **none**" in next(line for line in winners if line.startswith(f"- {axis}: ")), axis
+    for png in ("val_curves.png", "activation_memory.png", "ranks.png", "pareto.png", "grad_cosine.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert f"({png})" in report
     config = json.loads((out / "config.json").read_text())
