@@ -8,6 +8,7 @@
 """
 
 from laser import methods
+from laser.budget import Plan, Target, plan
 from laser.config import LaserConfig, NoneConfig, ProjectionConfig, QuantConfig, SiteFilter
 from laser.hooks import ActivationMethod
 from laser.methods.laser import Compressor
@@ -18,10 +19,13 @@ __all__ = [
     "Compressor",
     "LaserConfig",
     "NoneConfig",
+    "Plan",
     "ProjectionConfig",
     "QuantConfig",
     "Report",
     "SiteFilter",
     "SiteReport",
+    "Target",
     "methods",
+    "plan",
 ]

@@ -109,7 +109,8 @@ class LaserConfig(SiteFilter):
         rank: initial rank ``k0`` of every site's basis (also the rank a hard reset returns to).
         threshold: fidelity ``F = ||Z||/||X||`` below which a step counts as low (epsilon).
         growth: rows sampled and orthogonalised into the basis on a low step (``m``).
-        max_rank: ceiling on a site's rank; ``None``: ``4 * rank`` (512 at the paper's rank 128).
+        max_rank: ceiling on a site's rank; ``None``: ``4 * rank`` (512 at the paper's rank 128), none with
+            ``max_error``.
         patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
         power_iters: power-iteration steps per training step; the first uses every activation of the step
             (matrix-free), further ones use the step's row sample.
@@ -189,8 +190,11 @@ class LaserConfig(SiteFilter):
 
     @property
     def rank_ceiling(self) -> int:
-        """``max_rank``, or the default it derives from ``rank`` when unset."""
-        return self.max_rank if self.max_rank is not None else 4 * self.rank
+        """``max_rank``, or when unset the default it derives from ``rank`` (none with ``max_error``: the
+        error target decides each site's rank)."""
+        if self.max_rank is not None:
+            return self.max_rank
+        return 4 * self.rank if self.max_error is None else 2**31
 
     @property
     def sample_size(self) -> int:

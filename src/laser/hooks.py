@@ -117,7 +117,7 @@ class _SaverMode(TorchFunctionMode):
     Saved-tensor hooks see a tensor, not the op saving it; an op that saves its input as a mask (hardtanh,
     leaky ReLU, max-pool) cannot be told from its grad_fn. Only the few functions in ``_KINDS`` do any work
     here; every other call passes straight through. Inside a compiled region it does nothing (the compiled
-    graph saves its tensors itself, see :meth:`ActivationMethod._site`).
+    graph saves its tensors itself, see :meth:`ActivationMethod._warn_if_compiled`).
     """
 
     def __init__(self) -> None:
@@ -157,27 +157,36 @@ class SiteNamer:
         for name, module in model.named_modules():
             label = name or type(module).__name__
             self._handles.append(module.register_forward_pre_hook(_Push(self._local, label)))
-            self._handles.append(module.register_forward_hook(_Pop(self._local), always_call=True))
+            self._handles.append(module.register_forward_hook(_Pop(self._local, label), always_call=True))
 
     def current(self) -> str:
         """Path of the innermost module running now (``OUTSIDE`` when no module runs)."""
         return self._frame().label
 
-    def name(self, op: str, width: int) -> str:
-        """The site of a new storage made by ``op`` with rows of ``width`` in the running module call.
+    def name(self, op: str, width: int, storage: torch.UntypedStorage) -> str:
+        """The site of a new storage made by ``op`` with rows of ``width``.
 
-        The n-th such storage of one call (n >= 1) is its own stream, ``op#n``. Counts restart whenever a
-        child module returns, so a loop in a parent that calls a child each iteration names its steps alike.
+        Its module is the one that returned the storage as its output, if one did (two sibling linears
+        whose outputs the parent saves are two streams), else the module running now; a storage saved while
+        no module of the model runs (the loss) is named ``OUTSIDE``. The n-th storage of
+        one (module, op, width) within one call of the running module (n >= 1) is its own stream, ``op#n``.
+        Counts restart whenever a child module returns, so a loop in a parent that calls a child each
+        iteration names its steps alike.
         """
         frame = self._frame()
-        key = (op, width)
+        label = frame.label
+        made = getattr(self._local, "outputs", {}).get(storage.data_ptr())
+        if made is not None and not made[1].expired() and label != OUTSIDE:  # saved outside: the loss's
+            label = made[0]
+        key = (label, op, width)
         n = frame.counts.get(key, 0)
         frame.counts[key] = n + 1
-        return f"{frame.label}/{op}#{n}:{width}" if n else f"{frame.label}/{op}:{width}"
+        return f"{label}/{op}#{n}:{width}" if n else f"{label}/{op}:{width}"
 
     def restart(self) -> None:
-        """Forget what was saved outside the model (a new forward begins)."""
+        """A new forward begins: forget what was saved outside the model and which module made what."""
         self._local.outside = _Frame(OUTSIDE)
+        self._local.outputs = {}
 
     def _frame(self) -> _Frame:
         stack = getattr(self._local, "stack", None)
@@ -213,13 +222,21 @@ class _Push(_Hook):
 
 
 class _Pop(_Hook):
-    def __init__(self, local: threading.local) -> None:
-        self.local = local
+    def __init__(self, local: threading.local, label: str) -> None:
+        self.local, self.label = local, label
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         stack = getattr(self.local, "stack", None)
         if stack:
             stack.pop()
+        outputs = getattr(self.local, "outputs", None)
+        if torch.compiler.is_compiling():  # inside a compiled graph: its saved tensors are named by order
+            return
+        if outputs is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+            storage = output.untyped_storage()  # the innermost module that returns a storage made it
+            made = outputs.get(storage.data_ptr())
+            if made is None or made[1].expired():
+                outputs[storage.data_ptr()] = (self.label, StorageWeakRef(storage))
         parent = stack[-1] if stack else getattr(self.local, "outside", None)
         if parent is not None:
             parent.counts.clear()
@@ -586,7 +603,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         width = row_width(base, self.config.fold_to) if not spatial or base.dim() < 3 else 0
         if width == 0 and (spatial or base.dim() >= 4):  # channels_last: over channels; image rows never
             width = channel_width(base)
-        site = self._namer.name(op, width)
+        site = self._namer.name(op, width, tensor.untyped_storage())
         account = self._accounts.get(site)
         if account is None:
             account = self._accounts[site] = SiteAccount(width)
