@@ -152,16 +152,17 @@ def test_per_step_indices_count_recursion_steps_of_weight_tied_block():
     with recorder:
         model(x)
     by_step = recorder.step_activations()
-    # The linear's input is the no-grad calls' output (no history) at step 0, the previous call's product after.
-    assert sorted(by_step) == ["block.lin/input:32", "block.lin/mul:32", "block/sigmoid:32", "block/tanh:32"]
+    # The linear's input is the no-grad calls' output (no history) at step 0, the previous call's product after
+    # (named by the block, which returned it; its steps are the block's calls).
+    assert sorted(by_step) == ["block.lin/input:32", "block/mul:32", "block/sigmoid:32", "block/tanh:32"]
     # The no-grad calls save nothing and do not count: grad steps are 0..steps-1.
     assert list(by_step["block.lin/input:32"]) == [0]
-    assert list(by_step["block.lin/mul:32"]) == list(range(1, steps))
+    assert list(by_step["block/mul:32"]) == list(range(1, steps))
     assert list(by_step["block/tanh:32"]) == list(range(steps))
     assert list(by_step["block/sigmoid:32"]) == list(range(steps))
     # Per call: one linear input, tanh's output and sigmoid's output, B rows each.
     assert all(rows.shape == (B, D) for steps_ in by_step.values() for rows in steps_.values())
-    assert recorder.rows_seen == {"block.lin/input:32": B, "block.lin/mul:32": (steps - 1) * B,
+    assert recorder.rows_seen == {"block.lin/input:32": B, "block/mul:32": (steps - 1) * B,
                                   "block/tanh:32": steps * B, "block/sigmoid:32": steps * B}
     # Step 0's linear input is the block's input after the two no-grad calls.
     h = x
@@ -173,7 +174,7 @@ def test_per_step_indices_count_recursion_steps_of_weight_tied_block():
         model(x)
     again = recorder.step_activations()
     assert list(again["block.lin/input:32"]) == [0]
-    assert list(again["block.lin/mul:32"]) == list(range(1, steps))
+    assert list(again["block/mul:32"]) == list(range(1, steps))
     assert list(again["block/tanh:32"]) == list(range(steps))
     recorder.remove()
 
@@ -206,7 +207,7 @@ def test_recorder_never_records_parameters_or_buffers():
     assert rows.shape == (2 * B, D)
     parameter_rows = torch.cat([model.lin.weight, model.lin.weight.T, model.scale[None], model.offset[None]])
     assert not any(torch.equal(row, p) for row in rows for p in parameter_rows)
-    assert sorted(acts) == ["WithParameters/mm:32", "lin/input:32"]
+    assert sorted(acts) == ["lin/input:32", "lin/mm:32"]  # lin(x) is named by lin, which returned it
     torch.testing.assert_close(acts["lin/input:32"].sum(0), x.sum(0))
     assert model.scale.grad is not None  # training was unchanged
 
@@ -253,8 +254,9 @@ def test_gradient_fidelity_is_one_at_rank_of_activations():
     batches = [low_rank(B, D, rank=3, seed=s) * 10 for s in range(2)]
     exact = parameter_gradient(model, batches, square_loss)
     result = gradient_fidelity(model, batches, square_loss, rank=4, max_rank=4, policy="paper")
-    # lin1 saves the model's input, lin2 lin1's output; the loss outside the model stays raw
-    assert {s.site for s in result.sites} == {"lin1/input:32", "lin2/mm:32"}
+    # lin1 saves the model's input, lin2 lin1's output (named by lin1, which returned it); the loss outside
+    # the model stays raw
+    assert {s.site for s in result.sites} == {"lin1/input:32", "lin1/mm:32"}
     assert result.model_cosine == pytest.approx(1.0, abs=1e-6)
     assert result.model_relative_grad_error < 1e-4
     for row in result.sites:
@@ -407,7 +409,8 @@ def test_analyze_writes_every_section(tiny_run, tmp_path):
     assert f"solves {100 * trivial:.1f}% of these mazes (the trivial rate)" in text
     verdicts = [c["held"] for c in results["claims"]]
     assert len(verdicts) == 7 and all(v in (True, False, None) for v in verdicts)
-    assert results["spectra"]["main_sites"]["mlp"] == "blocks.0.mlp/mm:512"  # gate_up output: 2 x 256
+    # gate_up output (2 x 256), named by gate_up, which returned it
+    assert results["spectra"]["main_sites"]["mlp"] == "blocks.0.mlp.gate_up/mm:512"
     point = results["depth"]["points"][0]
     assert point["baseline_bytes"] > point["laser_bytes"] > 0
 

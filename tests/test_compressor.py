@@ -130,8 +130,8 @@ def test_exactly_low_rank_activations_reproduce_twin_and_store_r_over_d(quantize
     for a, b in zip(got, expected, strict=True):
         assert (a - b).norm() <= tol * b.norm()
     report = comp.report()
-    # Saved: x (input of first), first(x) (input of second), second(...) (saved by the loss's square, outside
-    # the model: kept raw by default); all N x D fp32.
+    # Saved: x (input of first), first(x) (input of second, site of first, which returned it), second(...)
+    # (saved by the loss's square, outside the model: kept raw by default); all N x D fp32.
     assert report.raw_bytes == 3 * n * d * 4
     code_bytes = n * r * (4 if quantize is None else 1) + (0 if quantize is None else r * 4)
     state_bytes = sum(s.state_bytes for s in report.sites)
@@ -139,7 +139,7 @@ def test_exactly_low_rank_activations_reproduce_twin_and_store_r_over_d(quantize
     # LASER's own state per coded site, this (second) step: the D x k fp32 accumulator and a `growth`-row
     # fp32 sample (no reset can be due yet) with its float64 keys; fp32 codes use the fp32 basis (no copy).
     growth = comp.config.growth
-    for name in (f"first/input:{d}", f"second/mm:{d}"):
+    for name in (f"first/input:{d}", f"first/mm:{d}"):
         assert report.site(name).state_bytes == d * r * 4 + growth * d * 4 + growth * 8
     outside = report.site(f"<outside>/mm:{d}")
     assert outside.stored_bytes == n * d * 4 and outside.state_bytes == 0
@@ -171,10 +171,11 @@ def test_weight_tied_block_gives_one_site_per_module_and_width():
     # the input of gate_up (the first rms_norm's output, a mul), once per recursion step
     assert report.site("block.gate_up/mul:32").tensors == steps
     assert report.site("block.down/mul:64").tensors == steps  # silu(gate) * up
-    assert report.site("block.attn/mm:96").tensors == steps  # one qkv storage per step
-    # qkv's input is the embedding's output at the first recursion step, the block's own output after it
-    assert report.site("block.attn.qkv/addmm:32").tensors == 1
-    assert report.site("block.attn.qkv/mul:32").tensors == steps - 1
+    assert report.site("block.attn.qkv/mm:96").tensors == steps  # one qkv storage per step (qkv returned it)
+    # qkv's input is the embedding's output at the first recursion step, the block's own output after it:
+    # each named by the module that returned it
+    assert report.site("embed/addmm:32").tensors == 1
+    assert report.site("block/mul:32").tensors == steps - 1
     assert set(comp.sites) <= set(names)
     # rank 8 never pays on 8-wide rows: those sites are frozen in their first step and never get a basis
     frozen = {site for site, state in comp.sites.items() if state.frozen}
@@ -193,14 +194,14 @@ def test_qkv_views_are_stored_once():
     with comp:
         attention(x).sum().backward()
     comp.step()
-    first = comp.report().site("Attention/mm:96")
+    first = comp.report().site("qkv/mm:96")  # qkv's output, saved by attention: qkv returned it
     assert first.tensors == 1  # the first step codes against the tensor's own basis, same size
     # LASER's state in a site's first step: the reset sample (all 20 rows fit in it) and its float64 keys
     assert first.state_bytes == 20 * 96 * 4 + 20 * 8
     assert first.stored_bytes - first.state_bytes == 2 * 10 * 8 * 4 + 96 * 8 * 4
     with comp:
         out = attention(x)
-    row = comp.report().site("Attention/mm:96")
+    row = comp.report().site("qkv/mm:96")
     assert row.tensors == 1  # q, k and v are three saved views of one (2, 10, 96) storage
     assert row.raw_bytes == 2 * 10 * 96 * 4
     # then: the D x k accumulator and a `growth`-row sample with its keys
@@ -632,7 +633,7 @@ def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
     with comp:
         loss = loss_of(model, x)
     loss.backward()
-    assert comp.report().site("TwoUses/mm:32").tensors == 1  # h, made by lin (an mm), saved in TwoUses
+    assert comp.report().site("lin/mm:32").tensors == 1  # h, made and returned by lin (an mm), saved in TwoUses
     assert sorted(views for _, views in decodes) == [1, 2]  # lin's input, and h (saved by sin and cos)
     assert len({record for record, _ in decodes}) == len(decodes)  # each storage decoded once
     for a, b in zip(grads(model), expected, strict=True):

@@ -151,7 +151,9 @@ def test_protocol(name: str) -> None:
     if name == "none":
         assert report.stored_bytes == report.raw_bytes
     else:
-        assert 0.2 < report.savings < 1.0, str(report)
+        # every method saves a good share; laser's guarded policy keeps one of the block outputs raw (its own
+        # fidelity is under the threshold: the block output of every recursion step is one site, one basis)
+        assert 0.15 < report.savings < 1.0, str(report)
     for row in report.sites:
         assert 0.0 <= row.fidelity <= 1.0 + 1e-6
         assert sum(row.reasons.values()) == row.fallbacks <= row.tensors
@@ -389,7 +391,7 @@ def test_sketch_bases_differ_between_sites() -> None:
     method = build("sketch", model, rank=8)
     train_step(model, method, torch.randn(64, 48))
     bases = method.state_dict()["extra"]["bases"]
-    assert not torch.allclose(bases["a/input:48"], bases["b/addmm:48"])
+    assert not torch.allclose(bases["a/input:48"], bases["a/addmm:48"])  # b's input: a's output, named by a
 
 
 # ----------------------------------------------------------------------------- gradients and state
@@ -504,7 +506,7 @@ def test_parameters_never_become_sites(name: str) -> None:
     activation = rows * dim * 4
     assert {row.name: (row.tensors, row.raw_bytes) for row in report.sites} == {
         "lin/input:16": (1, activation),  # x
-        "ParamUser/addmm:16": (1, activation),  # the lin output, saved by the matmul
+        "lin/addmm:16": (1, activation),  # the lin output (returned by lin), saved by the matmul
         "ParamUser/mm:16": (1, activation),  # the matmul output, saved by the product with gain
     }
     assert all(torch.equal(t, before[key]) for key, t in model.state_dict().items())

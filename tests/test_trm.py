@@ -255,8 +255,8 @@ def test_checkpointing_matches_and_saves_less():
 
 def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
     # The per-step inputs activation checkpointing keeps are saved at the model's own level; a training
-    # loop calling forward_carry must see them as the model's ("TRM/<op>:D"), which a compressor codes, not
-    # as tensors saved outside it (kept raw by model_only).
+    # loop calling forward_carry must see them as the model's ("TRM/<op>:D", or the block that returned them),
+    # which a compressor codes, not as tensors saved outside it (kept raw by model_only).
     import laser
 
     torch.manual_seed(0)
@@ -270,11 +270,13 @@ def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
         loss.backward()
         comp.step()
     names = {s.name: s for s in comp.report().sites}
-    # Per net call checkpoint keeps (h, injection): y + x of each latent update, and each updated z (a block
-    # output, made by the final norm's product) as the next call's input; the starting carries are views of
-    # the model's buffers, never sites.
-    injections, latents = names[f"TRM/add:{cfg.hidden}"], names[f"TRM/mul:{cfg.hidden}"]
-    assert injections.tensors == latents.tensors == cfg.L_cycles
+    # Per net call checkpoint keeps (h, injection): y + x of each latent update (made at the model's level),
+    # and each updated z (a block output, made by the final norm's product, named by the last block, which
+    # returned it) as the next call's input; the starting carries are views of the model's buffers, never
+    # sites. The new answer y, also the last block's output, is saved by the head: one more in that site.
+    injections = names[f"TRM/add:{cfg.hidden}"]
+    latents = names[f"blocks.{cfg.L_layers - 1}/mul:{cfg.hidden}"]
+    assert injections.tensors == cfg.L_cycles and latents.tensors == cfg.L_cycles + 1
     for root in (injections, latents):
         assert root.fallbacks == 0 and root.stored_bytes < root.raw_bytes
     assert not [name for name in names if name.startswith("<outside>/") and name.endswith(f":{cfg.hidden}")]
