@@ -254,7 +254,7 @@ def producer(tensor: torch.Tensor) -> str:
         if len(parents) != 1:
             break
         node = parents[0]
-    if node is None or not hasattr(node, "next_functions"):
+    if node is None:
         return "input"
     raw = node.name()
     op = _OP_NAMES.get(raw)
