@@ -24,6 +24,7 @@ against its own SVD basis and samples rows for the shared one: not a typical ste
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -39,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import laser
 from laser.data.maze import generate
@@ -212,15 +215,21 @@ def grid_workloads(args: argparse.Namespace) -> list[Workload]:
 
 @dataclass
 class MethodSpec:
-    """A method as the benchmarks name it: a ``laser.methods`` name with options, and model checkpointing.
+    """A method as the benchmarks name it: a ``laser.methods`` name with options, and how the block recomputes.
 
     ``name=None`` is the bare model: no saved-tensor hooks at all (what ``none``'s plumbing costs).
+    ``checkpoint``: ``TRMConfig(checkpoint=True)``, each block-stack call recomputed in backward.
+    ``recompute``: one of PyTorch's own options wrapped around the TRM block (see :func:`wrap_blocks`):
+    ``"sac"`` (selective activation checkpointing: matmul and attention outputs saved, the rest recomputed)
+    or ``"compile"`` (``torch.compile`` of the block with ``activation_memory_budget``).
     """
 
     label: str
     name: str | None = "none"
     options: dict = field(default_factory=dict)
     checkpoint: bool = False
+    recompute: str | None = None
+    memory_budget: float = 0.5
 
     @property
     def rank(self) -> int | None:
@@ -228,29 +237,35 @@ class MethodSpec:
         return self.options.get("rank")
 
 
-# variant -> (laser.methods name, options, takes a rank, checkpoint)
-VARIANTS: dict[str, tuple[str | None, dict, bool, bool]] = {
-    "bare": (None, {}, False, False),
-    "none": ("none", {}, False, False),
-    "laser": ("laser", {}, True, False),
-    "laser-int8": ("laser", {"quantize": "int8"}, True, False),
-    "laser-paper": ("laser", {"policy": "paper"}, True, False),
-    "laser-paper-int8": ("laser", {"policy": "paper", "quantize": "int8"}, True, False),
-    "laser-guarded": ("laser", {"policy": "guarded"}, True, False),
-    "laser-guarded-int8": ("laser", {"policy": "guarded", "quantize": "int8"}, True, False),
-    "laser-s8": ("laser", {"accumulate_stride": 8}, True, False),
-    "laser-s8-int8": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, False),
-    "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, False),
-    "quant8": ("quant", {"bits": 8}, False, False),
-    "quant4": ("quant", {"bits": 4}, False, False),
-    "checkpoint": ("none", {}, False, True),
+# variant -> (laser.methods name, options, takes a rank, recompute: None, "checkpoint", "sac" or "compile")
+VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
+    "bare": (None, {}, False, None),
+    "none": ("none", {}, False, None),
+    "laser": ("laser", {}, True, None),
+    "laser-int8": ("laser", {"quantize": "int8"}, True, None),
+    "laser-paper": ("laser", {"policy": "paper"}, True, None),
+    "laser-paper-int8": ("laser", {"policy": "paper", "quantize": "int8"}, True, None),
+    "laser-guarded": ("laser", {"policy": "guarded"}, True, None),
+    "laser-guarded-int8": ("laser", {"policy": "guarded", "quantize": "int8"}, True, None),
+    "laser-s8": ("laser", {"accumulate_stride": 8}, True, None),
+    "laser-s8-int8": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, None),
+    "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, None),
+    "quant8": ("quant", {"bits": 8}, False, None),
+    "quant4": ("quant", {"bits": 4}, False, None),
+    "checkpoint": ("none", {}, False, "checkpoint"),
+    # PyTorch's own options as peers (issue 14), alone and with LASER compressing what they still save.
+    "sac": ("none", {}, False, "sac"),
+    "laser+sac": ("laser", {}, True, "sac"),
+    "compile-budget": ("none", {}, False, "compile"),
+    "laser+compile-budget": ("laser", {}, True, "compile"),
 }
 
 
-def method_specs(variants: Sequence[str], ranks: Sequence[int]) -> list[MethodSpec]:
+def method_specs(variants: Sequence[str], ranks: Sequence[int], memory_budget: float = 0.5) -> list[MethodSpec]:
     """One spec per variant, and per rank for the variants that take one (labels like ``laser-paper r64``).
 
-    ``none`` comes first whether asked for or not: every ratio is taken to it.
+    ``none`` comes first whether asked for or not: every ratio is taken to it. ``memory_budget`` is the
+    ``activation_memory_budget`` of the ``compile`` variants.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -261,13 +276,89 @@ def method_specs(variants: Sequence[str], ranks: Sequence[int]) -> list[MethodSp
     for variant in dict.fromkeys(variants):
         if variant == "none":
             continue
-        name, options, ranked, checkpoint = VARIANTS[variant]
+        name, options, ranked, recompute = VARIANTS[variant]
+        ckpt, wrap = recompute == "checkpoint", recompute if recompute in ("sac", "compile") else None
         if ranked:
-            specs += [MethodSpec(f"{variant} r{r}", name, {**options, "rank": r, "max_rank": max(512, r)})
-                      for r in ranks]
+            specs += [MethodSpec(f"{variant} r{r}", name, {**options, "rank": r, "max_rank": max(512, r)}, ckpt,
+                                 wrap, memory_budget) for r in ranks]
         else:
-            specs.append(MethodSpec(variant, name, dict(options), checkpoint))
+            specs.append(MethodSpec(variant, name, dict(options), ckpt, wrap, memory_budget))
     return specs
+
+
+# ----------------------------------------------------------------------------- PyTorch's own options
+
+_ATEN = torch.ops.aten
+# What selective activation checkpointing keeps: the outputs of matmuls and of fused attention (the ops
+# whose recomputation costs FLOPs); every pointwise op, norm and RoPE rotation is recomputed in backward.
+SAC_SAVED_OPS = frozenset(
+    getattr(_ATEN, op).default
+    for op in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_cudnn_attention")
+    if hasattr(_ATEN, op)
+)
+
+
+def sac_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    """Save matmul and attention outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in SAC_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class SelectiveCheckpoint(nn.Module):
+    """A TRM block run under ``torch.utils.checkpoint`` with the selective policy :func:`sac_policy`.
+
+    Non-reentrant checkpoint: what the policy saves is kept by the checkpoint's own cache, not through
+    saved-tensor hooks, so an outer LASER sees only what is saved outside the blocks.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: torch.Tensor, cos_sin: object) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.block(h, cos_sin)
+        return checkpoint(self.block, h, cos_sin, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, sac_policy))
+
+
+class CompiledBlock(nn.Module):
+    """A TRM block compiled by ``torch.compile(backend="inductor")`` under an ``activation_memory_budget``.
+
+    The budget (a fraction of the activation bytes the default partitioner would save) is read when the
+    forward graph is partitioned, at the first call of each new graph, so it is patched in around every
+    call. The block, not the loop, is compiled: the loop then calls one graph per recursion step, and an
+    outer LASER sees the graph's saved tensors (named by their order in it) once per step.
+    """
+
+    def __init__(self, block: nn.Module, memory_budget: float) -> None:
+        super().__init__()
+        if not 0.0 <= memory_budget <= 1.0:
+            raise ValueError(f"--memory-budget must be in [0, 1], got {memory_budget}")
+        self.memory_budget = memory_budget
+        self.block = torch.compile(block, backend="inductor")
+
+    def forward(self, h: torch.Tensor, cos_sin: object) -> torch.Tensor:
+        with torch._functorch.config.patch(activation_memory_budget=self.memory_budget):
+            return self.block(h, cos_sin)
+
+
+def wrap_blocks(model: TRM, spec: MethodSpec) -> TRM:
+    """Wrap every block the TRM loop calls (``model.blocks``) in the spec's PyTorch option, in place.
+
+    ``TRM._net`` calls each module of ``model.blocks``; replacing the list's modules leaves ``trm.py`` as it
+    is. Parameters keep their order (gradients line up with the plain model's by position).
+    """
+    if spec.recompute is None:
+        return model
+    if spec.recompute == "sac":
+        model.blocks = nn.ModuleList(SelectiveCheckpoint(block) for block in model.blocks)
+    elif spec.recompute == "compile":
+        model.blocks = nn.ModuleList(CompiledBlock(block, spec.memory_budget) for block in model.blocks)
+    else:
+        raise ValueError(f"unknown recompute {spec.recompute!r}; choose from sac, compile")
+    return model
 
 
 # ----------------------------------------------------------------------------- workload
@@ -317,7 +408,7 @@ class TrainingRun:
     def __init__(self, workload: Workload, spec: MethodSpec, pool: int = 8) -> None:
         torch.manual_seed(workload.seed)
         self.workload = workload
-        self.model = TRM(workload.trm_config(spec.checkpoint)).to(workload.device)
+        self.model = wrap_blocks(TRM(workload.trm_config(spec.checkpoint)).to(workload.device), spec)
         self.method = None if spec.name is None else laser.methods.build(spec.name, self.model, **spec.options)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         inputs, targets = generate(workload.batch * pool, size=workload.maze, seed=workload.seed)
@@ -440,10 +531,14 @@ def probe_memory(workload: Workload, spec: MethodSpec, warmup: int) -> dict:
     return {"held": held, "peak": peak, "rise": peak - before if windowed else None, "stored": stored, "raw": raw}
 
 
-def fresh_process(script: Path | str, args: Sequence[str]) -> dict:
-    """Run ``python script *args`` in a fresh interpreter and return the JSON of its ``RESULT`` line."""
+def fresh_process(script: Path | str, args: Sequence[str], timeout: float | None = None) -> dict:
+    """Run ``python script *args`` in a fresh interpreter and return the JSON of its ``RESULT`` line.
+
+    With ``timeout`` (seconds) a slower process is killed and ``subprocess.TimeoutExpired`` raised.
+    """
     env = {**os.environ, **MALLOC_ENV}
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -452,11 +547,33 @@ def fresh_process(script: Path | str, args: Sequence[str]) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def probe_memory_fresh(workload: Workload, spec: MethodSpec, warmup: int) -> dict:
+def probe_memory_fresh(workload: Workload, spec: MethodSpec, warmup: int, timeout: float | None = None) -> dict:
     """:func:`probe_memory` in a fresh process running this file with the current thread count."""
     request = {"workload": asdict(workload), "spec": asdict(spec), "warmup": warmup,
                "threads": torch.get_num_threads()}
-    return fresh_process(HERE / "common.py", ["--probe", json.dumps(request)])
+    return fresh_process(HERE / "common.py", ["--probe", json.dumps(request)], timeout)
+
+
+def compile_preflight(workload: Workload, spec: MethodSpec, timeout: float) -> str | None:
+    """Why a ``compile`` variant cannot be measured here, or None when it can.
+
+    Runs one warm-up step and the memory probe in a fresh process within ``timeout`` seconds: inductor on a
+    CPU needs a working C++ compiler, and a first compile can take minutes on a loaded machine. A success
+    leaves the compiled graphs in inductor's on-disk cache, so the runs after it compile much faster.
+    """
+    if spec.recompute != "compile":
+        return None
+    started = time.perf_counter()
+    try:
+        probe_memory_fresh(workload, spec, 1, timeout)
+    except subprocess.TimeoutExpired:
+        return f"torch.compile took longer than {timeout:g} s (--compile-timeout)"
+    except RuntimeError as error:
+        last = [line for line in str(error).splitlines() if line.strip()][-1:] or ["unknown error"]
+        return f"torch.compile failed: {last[0][:200]}"
+    if time.perf_counter() - started > timeout:
+        return f"torch.compile took longer than {timeout:g} s (--compile-timeout)"
+    return None
 
 
 def main() -> None:

@@ -3,6 +3,11 @@
 For each width D, recursion depth n (TRM ``L_cycles``) and LASER rank, one table: ``none``, ``laser`` with
 policy ``paper`` and ``guarded`` (codes in the activation dtype and int8), ``quant`` at 8 and 4 bits and
 ``checkpoint`` (``TRMConfig(checkpoint=True)``: each block call recomputed in backward, with ``none``).
+PyTorch's own options are peers (``common.wrap_blocks``): ``sac`` runs the block under selective activation
+checkpointing (matmul and attention outputs saved, everything else recomputed), ``compile-budget`` compiles
+the block with inductor under ``torch._functorch.config.activation_memory_budget`` (``--memory-budget``);
+``laser+sac`` and ``laser+compile-budget`` add LASER's hooks around them. A compile variant that fails or
+takes longer than ``--compile-timeout`` seconds in a fresh process is skipped, with the reason under the table.
 A step is forward + backward + the method's update + AdamW, on maze batches (``laser.data.maze``), from
 the same initial weights for every method. Columns:
 
@@ -23,6 +28,7 @@ Every ratio is to ``none`` measured in the same run.
     python benchmarks/step.py                                   # default grid: a few minutes on 1 CPU thread
     python benchmarks/step.py --dims 512 --depths 8 24 48 --ranks 128 --methods laser-paper checkpoint
     python benchmarks/step.py --full --device cuda --amp bf16 --batch 64   # whole grid, on a GPU
+    python benchmarks/step.py --dims 128 --depths 6 --ranks 32 --batch 8 --methods checkpoint sac laser laser+sac
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from common import (
     MethodSpec,
     TrainingRun,
     Workload,
+    compile_preflight,
     environment,
     grid_parser,
     grid_workloads,
@@ -62,8 +69,12 @@ HEADERS = ["method", "ranks", "saved (report)", "vs none", "held after fwd", "vs
 def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> tuple[dict, int]:
     """Time all methods interleaved in this process, then probe each one's memory alone.
 
-    Returns ``{label: {"time", "ranks", "held", "peak", "rise", "stored"}}`` and the rounds timed.
+    Returns ``{label: {"time", "ranks", "held", "peak", "rise", "stored"}}`` and the rounds timed; a compile
+    variant that cannot run here (see :func:`common.compile_preflight`) gets ``{"skipped": reason}`` instead.
     """
+    skipped = {spec.label: reason for spec in specs
+               if (reason := compile_preflight(workload, spec, args.compile_timeout)) is not None}
+    specs = [spec for spec in specs if spec.label not in skipped]
     runs = {spec.label: TrainingRun(workload, spec) for spec in specs}
     for run in runs.values():
         for _ in range(args.warmup):
@@ -82,15 +93,19 @@ def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespac
             gc.collect()
             if workload.device == "cuda":
                 torch.cuda.empty_cache()
-    return results, rounds
+    return results | {label: {"skipped": reason} for label, reason in skipped.items()}, rounds
 
 
 def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: int, args: argparse.Namespace) -> str:
     """The markdown table of one workload, titled with how it was measured."""
     base = results["none"]
-    rows = []
+    rows, notes = [], []
     for spec in specs:
         r = results[spec.label]
+        if "skipped" in r:
+            rows.append([spec.label, *["-"] * 9, "skipped", "-"])
+            notes.append(f"{spec.label} skipped: {r['skipped']}.")
+            continue
         rows.append([
             spec.label, r["ranks"],
             size(r.get("stored")), ratio(r.get("stored"), base.get("stored")),
@@ -104,7 +119,8 @@ def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: in
         "off": "not measured"}[args.memory]
     title = (f"### {workload.title()}\n\n{environment(workload.device)}; step time: median of {rounds} "
              f"interleaved rounds after {args.warmup} warm-up steps; peak: {peak}.\n")
-    return f"{title}\n{markdown_table(HEADERS, rows)}\n"
+    note = "".join(f"\n{line}\n" for line in notes)
+    return f"{title}\n{markdown_table(HEADERS, rows)}\n{note}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="stop timing a shape after this many seconds")
     parser.add_argument("--memory", choices=["fresh", "inprocess", "off"], default=None,
                         help="memory probe: fresh process (CPU default), in this process (GPU default), or off")
+    parser.add_argument("--memory-budget", type=float, default=0.5,
+                        help="torch._functorch.config.activation_memory_budget of the compile variants")
+    parser.add_argument("--compile-timeout", type=float, default=120.0,
+                        help="skip a compile variant whose fresh-process check takes longer (seconds)")
     args = parse_timed(parser, argv)
+    if not 0.0 <= args.memory_budget <= 1.0:
+        parser.error(f"--memory-budget must be in [0, 1], got {args.memory_budget}")
     if args.full:
         args.dims, args.depths, args.ranks = FULL_GRID["dims"], FULL_GRID["depths"], FULL_GRID["ranks"]
     if args.memory is None:
@@ -125,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Print one table per width and depth."""
     args = parse_args(argv)
-    specs = method_specs(args.methods, args.ranks)
+    specs = method_specs(args.methods, args.ranks, args.memory_budget)
     for workload in grid_workloads(args):
         results, rounds = measure(workload, specs, args)
         print(table(workload, specs, results, rounds, args), flush=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.checkpoint import CheckpointPolicy
 
 from laser.models.trm import TRMConfig
 
@@ -153,6 +155,77 @@ def test_method_specs_put_none_first_and_expand_ranks():
     assert specs[3].checkpoint and specs[3].name == "none"
     with pytest.raises(ValueError, match="unknown"):
         common.method_specs(["lasr"], [64])
+
+
+
+def test_pytorch_peer_specs_wrap_the_block():
+    specs = common.method_specs(["sac", "laser+sac", "compile-budget", "laser+compile-budget", "checkpoint"],
+                                [16], memory_budget=0.25)
+    by_label = {s.label: s for s in specs}
+    assert [s.label for s in specs] == ["none", "sac", "laser+sac r16", "compile-budget", "laser+compile-budget r16",
+                                        "checkpoint"]
+    assert by_label["sac"].recompute == "sac" and by_label["sac"].name == "none" and not by_label["sac"].checkpoint
+    assert by_label["laser+sac r16"].name == "laser" and by_label["laser+sac r16"].recompute == "sac"
+    assert by_label["compile-budget"].recompute == "compile" and by_label["compile-budget"].memory_budget == 0.25
+    assert by_label["checkpoint"].checkpoint and by_label["checkpoint"].recompute is None
+    run = common.TrainingRun(common.Workload(64, 2, 1, maze=5), by_label["sac"])
+    assert all(isinstance(b, common.SelectiveCheckpoint) for b in run.model.blocks)
+    # the policy: matmuls and attention saved, pointwise ops recomputed
+    aten = torch.ops.aten
+    assert common.sac_policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert common.sac_policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == \
+        CheckpointPolicy.MUST_SAVE
+    assert common.sac_policy(None, aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _gradients(spec, workload):
+    run = common.TrainingRun(workload, spec)
+    run.forward().backward()
+    return [p.grad.clone() for p in run.model.parameters()]
+
+
+def test_sac_gradients_equal_the_plain_models():
+    workload = common.Workload(64, 2, 2, maze=5)
+    none, sac = common.method_specs(["sac"], [16])
+    plain, selective = _gradients(none, workload), _gradients(sac, workload)
+    assert len(plain) == len(selective) > 0
+    for a, b in zip(plain, selective, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_step_runs_the_sac_variants(capsys):
+    step.main([*TINY, "--methods", "sac", "laser+sac", "checkpoint", "--memory", "inprocess"])
+    rows = table_rows(capsys.readouterr().out, "| " + " | ".join(step.HEADERS) + " |")
+    assert [r[0] for r in rows] == ["none", "sac", "laser+sac r16", "checkpoint"]
+    assert all(r[4] != "-" and r[10].endswith(" ms") for r in rows)  # held after forward and step time
+
+
+def test_step_skips_a_compile_variant_that_cannot_finish_in_time(capsys):
+    step.main([*TINY, "--methods", "compile-budget", "--memory", "off", "--compile-timeout", "0.01"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "| " + " | ".join(step.HEADERS) + " |")
+    assert [r[0] for r in rows] == ["none", "compile-budget"] and rows[1][10] == "skipped"
+    assert "compile-budget skipped: torch.compile took longer than 0.01 s (--compile-timeout)" in out
+
+
+@pytest.mark.slow
+def test_compile_budget_runs_one_step_and_matches_the_gradient():
+    """Inductor on a CPU needs a C++ compiler; a cold compile takes about a minute on a loaded 2-core machine."""
+    workload = common.Workload(64, 2, 2, maze=5)
+    none, compiled, laser_compiled = common.method_specs(["compile-budget", "laser+compile-budget"], [16])
+    reason = common.compile_preflight(workload, compiled, timeout=300)
+    if reason is not None:
+        pytest.skip(reason)
+    with pytest.warns(UserWarning, match="torch.compile graph"):  # the `none` method's hooks see the graph
+        compiled_gradients = _gradients(compiled, workload)
+    for a, b in zip(_gradients(none, workload), compiled_gradients, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.warns(UserWarning, match="torch.compile graph"):
+        run = common.TrainingRun(workload, laser_compiled)
+    run.step()
+    run.step()
+    report = run.report()
+    assert 0 < report.stored_bytes < report.raw_bytes  # LASER codes what the compiled graph saves
 
 
 def test_profile_attributes_ops_by_their_library_frame():
