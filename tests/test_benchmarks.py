@@ -43,6 +43,7 @@ step = load("step")
 profile = load("profile")
 host = load("host")
 incompressible = load("incompressible")
+attention = load("attention")
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -354,3 +355,11 @@ def test_incompressible_stops_tracking_and_prints_the_ratio(capsys):
     rows = {r[0]: r for r in table_rows(out, "| method | step ms | vs none | saved | kept raw because |")}
     assert list(rows) == ["bare", "none", "laser"] and rows["none"][2] == "1.000"
     assert "untracked" in rows["laser"][4]  # full-rank activations: the sites gave up tracking
+
+
+def test_attention_prints_the_cosine_with_and_without_exact_qk(capsys):
+    attention.main(["--dim", "64", "--depth", "2", "--batch", "2", "--rank", "8", "--warmup", "2"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "| method | sites coded | gradient cosine | saved / site fidelity |")
+    assert [r[0] for r in rows[:2]] == ["laser r8, exact_qk=True", "laser r8, exact_qk=False"]
+    assert all(-1.0 <= float(r[2]) <= 1.0 for r in rows) and len(rows) > 2  # a row per coded site

@@ -486,3 +486,27 @@ def test_small_tensors_are_held_raw_until_their_step_pays_then_all_coded():
         h = twin(h) * 0.0 + x
     h.square().sum().backward()
     assert (lin.weight.grad - twin.weight.grad).norm() <= 1e-4 * twin.weight.grad.norm()
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(d, 3 * d), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q, k = q * 1.5 + 0.1, k.tanh()  # new storages, as rotary embeddings make
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("exact_qk", [True, False])
+def test_attention_query_and_key_are_kept_exact_by_default(exact_qk):
+    torch.manual_seed(0)
+    model, x = Attention(), torch.randn(4, 32, 64)
+    comp = laser.Compressor(model, laser.LaserConfig(rank=4, min_numel=0, exact_qk=exact_qk, policy="paper"))
+    report = run_steps(model, comp, lambda: model(x).square().mean(), 2)
+    attention = sum(s.reasons.get(Reason.ATTENTION, 0) for s in report.sites)
+    assert attention == (2 if exact_qk else 0)  # q and k; v and the output may be coded
+    coded = {s.name for s in report.sites if s.fallbacks < s.tensors}
+    assert ("Attention/add:32" in coded) != exact_qk and ("Attention/tanh:32" in coded) != exact_qk

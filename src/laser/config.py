@@ -30,6 +30,12 @@ class SiteFilter:
         exclude: glob patterns on site names never touched, applied after ``include``.
         model_only: touch only tensors saved while a module of the model runs; what is saved outside it
             (the loss: a log-softmax whose errors the loss gradient amplifies) stays raw.
+        exact_qk: keep the query and key that ``scaled_dot_product_attention`` saves exact (reason
+            ``"attention"``). Its backward recomputes the softmax from them against a normaliser saved exactly,
+            so an error in ``q k^T`` is amplified: on an untrained TRM (D=128, 2 heads, 6 recursion steps)
+            coding the rotated key alone at rank 32 (fidelity 0.990) left a whole-model gradient cosine of
+            0.07; keeping q and k exact: 1.000 at 0.816 saved instead of 0.854 (``python
+            benchmarks/attention.py``).
         fold_to: widest row a fold may make: a storage is coded as rows of its innermost dense dimensions
             merged while the width stays <= fold_to (see :func:`laser.hooks.row_width`). With the model
             width, attention heads (B, H, L, hd) laid out as (B, L, H, hd) become rows of H*hd, one per
@@ -44,6 +50,7 @@ class SiteFilter:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     model_only: bool = True
+    exact_qk: bool = True
     fold_to: int = 0
 
     def __post_init__(self) -> None:

@@ -64,6 +64,7 @@ class Reason:
     EXCLUDED = "excluded"  # include / exclude patterns, or saved outside the model (model_only)
     LAYOUT = "layout"  # no dense rows to code (a channels-first conv activation, a strided view)
     MASK = "mask"  # read by its backward as a mask or a sign
+    ATTENTION = "attention"  # the query or key of scaled_dot_product_attention (SiteFilter.exact_qk)
     LOSS = "loss"  # saved by a loss or a log-softmax
     BREAK_EVEN = "break-even"  # codes plus basis would not be smaller than the tensor this step
     FROZEN = "frozen"  # the site's rank can never beat break-even: no longer tracked
@@ -106,9 +107,10 @@ _SPATIAL_FUNCTIONS = _functions(
     modules=(torch, F),
 )
 _SPATIAL_NODES = re.compile(r"convolution|batchnorm|groupnorm|pool\dd|upsample|pixelshuffle")
-MASK, LOSS, SPATIAL = "mask", "loss", "spatial"
+MASK, LOSS, SPATIAL, ATTENTION = "mask", "loss", "spatial", "attention"
 _KINDS = {f: kind for kind, fs in ((SPATIAL, _SPATIAL_FUNCTIONS), (MASK, _MASK_FUNCTIONS), (LOSS, _LOSS_FUNCTIONS))
           for f in fs}
+_KINDS[F.scaled_dot_product_attention] = ATTENTION
 
 
 class _SaverMode(TorchFunctionMode):
@@ -123,16 +125,26 @@ class _SaverMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.kind: str | None = None
+        self.scores: tuple[int, ...] = ()  # storages of the query and key of the attention running now
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _KINDS.get(func)
         if kind is None or self.kind is not None or torch.compiler.is_compiling():
             return func(*args, **(kwargs or {}))
         self.kind = kind
+        if kind == ATTENTION:
+            kwargs = kwargs or {}
+            query = args[0] if len(args) > 0 else kwargs.get("query")
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            self.scores = tuple(t.untyped_storage().data_ptr() for t in (query, key) if isinstance(t, torch.Tensor))
         try:
             return func(*args, **(kwargs or {}))
         finally:
-            self.kind = None
+            self.kind, self.scores = None, ()
+
+    def saving_scores(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage`` is the query or key of the attention saving now (see ``SiteFilter.exact_qk``)."""
+        return self.kind == ATTENTION and storage.data_ptr() in self.scores
 
 
 # ------------------------------------------------------------------------------------------- sites
@@ -542,7 +554,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 start = time.perf_counter()
                 entry = self._live[key] = self._new_entry(tensor)
                 self.seconds["encode"] += time.perf_counter() - start
-            elif self._saver_kind() in (MASK, LOSS) and (entry.record is not None or entry.rows is not None):
+            elif self._exact_saver(tensor) and (entry.record is not None or entry.rows is not None):
                 return self._exact_view(entry, tensor)
             return _Saved(entry, tensor)
 
@@ -560,14 +572,27 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         mode = getattr(self._thread, "mode", None)
         return mode.kind if mode is not None else None
 
+    def _exact_reason(self, tensor: torch.Tensor, kind: str | None) -> str | None:
+        """The reason the op saving ``tensor`` now needs it exact (mask, loss, attention scores), or None."""
+        if kind == MASK:
+            return Reason.MASK
+        if kind == LOSS:
+            return Reason.LOSS
+        if kind == ATTENTION and self.config.exact_qk and self._thread.mode.saving_scores(tensor.untyped_storage()):
+            return Reason.ATTENTION
+        return None
+
+    def _exact_saver(self, tensor: torch.Tensor) -> bool:
+        return self._exact_reason(tensor, self._saver_kind()) is not None
+
     def _exact_view(self, entry: _Entry, tensor: torch.Tensor) -> _Raw:
-        """A coded or pending storage saved again, now by a mask or loss op: this view is kept exact.
+        """A coded or pending storage saved again, now by an op that needs it exact: this view is kept exact.
 
         A pending storage stays raw for good. A coded one keeps its codes for the views handed out before
         (their backward reads values); this view holds the tensor, which stays alive, so the storage's bytes
         are counted again.
         """
-        reason = Reason.MASK if self._saver_kind() == MASK else Reason.LOSS
+        reason = self._exact_reason(tensor, self._saver_kind())
         account = entry.account
         if entry.rows is not None:
             account.pending.remove(entry)
@@ -671,10 +696,9 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         """Why a new storage may not be encoded, or ``None`` when it is admitted."""
         if not tensor.is_floating_point():
             return Reason.NOT_FLOAT
-        if kind == MASK:
-            return Reason.MASK
-        if kind == LOSS:
-            return Reason.LOSS
+        exact = self._exact_reason(tensor, kind)
+        if exact is not None:
+            return exact
         if width <= 0 or storage_bytes % (tensor.element_size() * width):
             return Reason.LAYOUT
         numel = storage_bytes // tensor.element_size()
