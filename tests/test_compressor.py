@@ -635,7 +635,9 @@ def test_a_storage_saved_by_two_backward_nodes_is_decoded_once(monkeypatch):
         loss = loss_of(model, x)
     loss.backward()
     assert comp.report().site("lin/mm:32").tensors == 1  # h, made and returned by lin (an mm), saved in TwoUses
-    assert sorted(views for _, views in decodes) == [1, 2]  # lin's input, and h (saved by sin and cos)
+    # h, saved by sin and cos, decoded once; lin's input gives its weight gradient as codes (factored), undecoded
+    assert sorted(views for _, views in decodes) == [2]
+    assert sum(s.factored for s in comp.report().sites) == 1
     assert len({record for record, _ in decodes}) == len(decodes)  # each storage decoded once
     for a, b in zip(grads(model), expected, strict=True):
         assert (a - b).norm() <= 1e-4 * b.norm()

@@ -153,6 +153,10 @@ class LaserConfig(SiteFilter):
             compresses costs what the hooks cost, not an SVD every ``patience`` steps.
         seed: seed of the compressor's own generator (row sampling, random completions).
         sync: in a distributed run, all-reduce the statistics so every rank holds the same bases.
+        factored: a linear layer's coded input gives its weight gradient as ``(dY^T Z) Q^T`` (DESIGN hard
+            part 13): no reconstruction, and fewer FLOPs than the baseline's ``dY^T X`` where ``k`` is under
+            both widths; the same gradient as reconstruct-then-matmul up to rounding. ``False``: every coded
+            tensor is reconstructed (the reference this path is tested against).
     """
 
     rank: int = 128
@@ -171,6 +175,7 @@ class LaserConfig(SiteFilter):
     max_resets: int = 3
     seed: int = 0
     sync: bool = True
+    factored: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -47,6 +47,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from laser.config import OUTSIDE, SiteFilter
+from laser.factored import FactoredLinear, LinearInput
 
 try:
     from torch.distributed.tensor import DTensor
@@ -107,14 +108,17 @@ _SPATIAL_FUNCTIONS = _functions(
     modules=(torch, F),
 )
 _SPATIAL_NODES = re.compile(r"convolution|batchnorm|groupnorm|pool\dd|upsample|pixelshuffle")
-MASK, LOSS, SPATIAL, ATTENTION = "mask", "loss", "spatial", "attention"
+MASK, LOSS, SPATIAL, ATTENTION, LINEAR = "mask", "loss", "spatial", "attention", "linear"
 _KINDS = {f: kind for kind, fs in ((SPATIAL, _SPATIAL_FUNCTIONS), (MASK, _MASK_FUNCTIONS), (LOSS, _LOSS_FUNCTIONS))
           for f in fs}
 _KINDS[F.scaled_dot_product_attention] = ATTENTION
+_KINDS[F.linear] = LINEAR
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 class _SaverMode(TorchFunctionMode):
-    """Knows, while a torch function runs, whether the tensors it saves are masks, loss terms or spatial.
+    """Knows, while a torch function runs, whether the tensors it saves are masks, loss terms or spatial,
+    and runs ``F.linear`` as :class:`~laser.factored.FactoredLinear` for a method that codes linear inputs.
 
     Saved-tensor hooks see a tensor, not the op saving it; an op that saves its input as a mask (hardtanh,
     leaky ReLU, max-pool) cannot be told from its grad_fn. Only the few functions in ``_KINDS`` do any work
@@ -122,15 +126,19 @@ class _SaverMode(TorchFunctionMode):
     graph saves its tensors itself, see :meth:`ActivationMethod._warn_if_compiled`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, factored: ActivationMethod | None = None) -> None:
         super().__init__()
         self.kind: str | None = None
         self.scores: tuple[int, ...] = ()  # storages of the query and key of the attention running now
+        self.factored = factored  # the method whose hooks code linear inputs for factored gradients, or None
+        self.link: LinearInput | None = None  # the factored linear saving its input now
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _KINDS.get(func)
         if kind is None or self.kind is not None or torch.compiler.is_compiling():
             return func(*args, **(kwargs or {}))
+        if kind == LINEAR:
+            return self._linear(func, args, kwargs or {})
         self.kind = kind
         if kind == ATTENTION:
             kwargs = kwargs or {}
@@ -141,6 +149,37 @@ class _SaverMode(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         finally:
             self.kind, self.scores = None, ()
+
+    def _linear(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``F.linear`` as :class:`~laser.factored.FactoredLinear` where its saved input may be coded; else as is.
+
+        It takes the factored path only where autograd would save the input for a weight gradient (grad on,
+        a 2-D weight that needs one), the tensors are plain (no subclass with its own ``__torch_function__``),
+        and the method's hooks are the innermost: inside a ``torch.utils.checkpoint`` region (forward and
+        recomputation alike) the checkpoint's hooks take the saves, and the op runs as it is, so both runs
+        save the same tensors. Under autocast the input is cast here, as autocast would cast it, and the
+        weight and bias inside, from autocast's cache.
+        """
+        x = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if (self.factored is None or not torch.is_grad_enabled() or type(x) not in _PLAIN
+                or type(weight) not in _PLAIN or not weight.requires_grad or weight.dim() != 2 or x.dim() == 0
+                or (bias is not None and type(bias) not in _PLAIN)
+                or hooks is None or hooks[0] is not self.factored.pack_hook):
+            return func(*args, **kwargs)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(device)
+            if x.dtype not in (dtype, torch.float64):
+                x = x.to(dtype)
+        self.kind, self.link = LINEAR, LinearInput()
+        try:
+            rows = FactoredLinear.apply(x, weight, bias, self.link)  # (N, Dout)
+        finally:
+            self.kind, self.link = None, None
+        return rows if x.dim() == 2 else rows.view(*x.shape[:-1], weight.shape[0])
 
     def saving_scores(self, storage: torch.UntypedStorage) -> bool:
         """Whether ``storage`` is the query or key of the attention saving now (see ``SiteFilter.exact_qk``)."""
@@ -255,6 +294,7 @@ class _Pop(_Hook):
 
 
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
+_FACTORED_NODE = FactoredLinear._backward_cls
 _OP_NAMES: dict[str, str] = {}
 
 
@@ -268,6 +308,8 @@ def producer(tensor: torch.Tensor) -> str:
         node = parents[0]
     if node is None:
         return "input"
+    if type(node) is _FACTORED_NODE:  # named as autograd's own linear would be
+        return node.op
     raw = node.name()
     op = _OP_NAMES.get(raw)
     if op is None:
@@ -292,8 +334,16 @@ class Packed:
         self._held: torch.Tensor | None = None
         self._unpacks_left = 0
 
+    # Whether :meth:`factors` can hand a linear's backward codes and basis instead of a reconstruction.
+    factored = False
+
     def decode(self) -> torch.Tensor:
         """The storage's content as a flat tensor in its original dtype."""
+        raise NotImplementedError
+
+    def factors(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes (count, k), basis (D, k))`` of rows ``first .. first + count`` of the storage as (rows, D),
+        both in the basis's dtype: those rows are ``codes @ basis.T`` (only where :attr:`factored`)."""
         raise NotImplementedError
 
     def decoded(self) -> torch.Tensor:
@@ -372,9 +422,9 @@ class _Entry:
     def code(self, record: Packed) -> None:
         """Store the storage as ``record`` from now on; views saved while it was pending let go of it."""
         self.record, self.probe = record, version_probe(self.rows)
-        record.views = len(self.saved)
         for saved in self.saved:
             saved.tensor = None
+            saved.count_view()
         self.settle()
 
     def settle(self) -> None:
@@ -384,18 +434,34 @@ class _Entry:
 
 class _Saved:
     """What autograd holds for one saved view of an activation storage: the view itself (detached) while
-    the storage is raw, else the storage's record and the view's layout; the version it was saved at."""
+    the storage is raw, else the storage's record and the view's layout; the version it was saved at.
 
-    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset")
+    ``link`` is set for the input of a factored linear whose rows are whole rows of the storage: where the
+    record can give codes (:attr:`Packed.factored`), unpacking hands them to the linear's backward instead
+    of decoding.
+    """
 
-    def __init__(self, entry: _Entry, tensor: torch.Tensor) -> None:
-        self.entry, self.version = entry, tensor._version
+    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset", "link")
+
+    def __init__(self, entry: _Entry, tensor: torch.Tensor, link: LinearInput | None = None) -> None:
+        self.entry, self.version, self.link = entry, tensor._version, link
         self.tensor = tensor.detach() if entry.record is None else None
         self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
         if entry.rows is not None:
             entry.saved.append(self)
         elif entry.record is not None:
-            entry.record.views += 1
+            self.count_view()
+
+    def factored(self) -> bool:
+        """Whether backward gets this view as codes (a coded storage whose record gives them)."""
+        return self.link is not None and self.entry.record.factored
+
+    def count_view(self) -> None:
+        """Count this view, now backed by the entry's record: a view to decode, or a factored one."""
+        if self.factored():
+            self.entry.account.factored += 1
+        else:
+            self.entry.record.views += 1
 
 
 @dataclass
@@ -409,6 +475,7 @@ class SiteAccount:
     reasons: Counter = field(default_factory=Counter)
     pending: list = field(default_factory=list)  # entries held raw until the site's step pays for its basis
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
+    factored: int = 0  # saved linear inputs whose weight gradient is made from the codes
 
     def raw_reasons(self) -> dict[str, int]:
         """Why storages were kept raw this step (pending ones count as break-even so far)."""
@@ -513,7 +580,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 self._active += 1
             self._namer.restart()
             super().__enter__()
-            self._thread.mode = _SaverMode()
+            self._thread.mode = _SaverMode(self if self.factored_linears else None)
             self._thread.mode.__enter__()
         self._thread.depth = depth + 1
         return self
@@ -556,21 +623,42 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 self.seconds["encode"] += time.perf_counter() - start
             elif self._exact_saver(tensor) and (entry.record is not None or entry.rows is not None):
                 return self._exact_view(entry, tensor)
-            return _Saved(entry, tensor)
+            return _Saved(entry, tensor, self._linear_input(tensor, entry.account.dim))
+
+    def _linear_input(self, tensor: torch.Tensor, width: int) -> LinearInput | None:
+        """The factored linear saving ``tensor`` now, where its rows are whole rows of its storage (dense,
+        starting at a row, rows of the site's width); else None."""
+        mode = getattr(self._thread, "mode", None)
+        if mode is None or mode.link is None or tensor.shape[-1] != width or tensor.storage_offset() % width \
+                or not tensor.is_contiguous():
+            return None
+        return mode.link
 
     def _unpack(self, packed: _Raw | _Saved) -> torch.Tensor:
         if packed.tensor is not None:
             check_version(packed.tensor, packed.version, packed.tensor.size())
             return packed.tensor
         check_version(packed.entry.probe, packed.version, packed.size)
+        record = packed.entry.record
+        # A backward that builds a graph (create_graph) differentiates through the input: it gets it decoded.
+        if packed.factored() and not torch.is_grad_enabled():
+            width = packed.entry.account.dim
+            packed.link.factors = record.factors(packed.offset // width, packed.size.numel() // width)
+            return packed.entry.probe.new_empty(0)  # a stand-in: the linear's backward reads the factors
         start = time.perf_counter()
-        flat = packed.entry.record.decoded()
+        flat = record.decoded()
         self.seconds["decode"] += time.perf_counter() - start
         return flat.as_strided(packed.size, packed.stride, packed.offset)
 
     def _saver_kind(self) -> str | None:
         mode = getattr(self._thread, "mode", None)
         return mode.kind if mode is not None else None
+
+    @property
+    def factored_linears(self) -> bool:
+        """Whether ``F.linear`` inside ``with method:`` takes the factored path (its input's codes make the
+        weight gradient); the base method stores nothing as codes."""
+        return False
 
     def _exact_reason(self, tensor: torch.Tensor, kind: str | None) -> str | None:
         """The reason the op saving ``tensor`` now needs it exact (mask, loss, attention scores), or None."""
@@ -622,7 +710,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         base = tensor._base if tensor._base is not None else tensor
         kind = self._saver_kind()
         op = producer(base)
-        if kind is None and (op in _MASK_NODES):
+        if kind in (None, LINEAR) and op in _MASK_NODES:
             kind = MASK
         spatial = kind == SPATIAL or _SPATIAL_NODES.search(op) is not None
         width = row_width(base, self.config.fold_to) if not spatial or base.dim() < 3 else 0
@@ -743,7 +831,8 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         """The report row of one site for the current step."""
         return SiteReport(site, account.dim, account.dim, 1.0, account.raw_bytes, account.stored_bytes,
-                          account.tensors, fallbacks=account.fallbacks, reasons=account.raw_reasons())
+                          account.tensors, fallbacks=account.fallbacks, reasons=account.raw_reasons(),
+                          factored=account.factored)
 
     def extra_state(self) -> dict:
         """Method state beyond the common fields, for :meth:`state_dict`."""

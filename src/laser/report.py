@@ -25,6 +25,8 @@ class SiteReport:
         reasons: why they were kept raw: :class:`laser.hooks.Reason` -> storages (sums to ``fallbacks``).
         state_bytes: the method's own memory for this site during the step (its tracked basis where the
             codes use a copy, the ``X^T Z`` accumulator, the row sample), part of ``stored_bytes``.
+        factored: saved views that are a linear layer's coded input, whose weight gradient is made from
+            the codes (``(dY^T Z) Q^T``, no reconstruction) during the step.
     """
 
     name: str
@@ -39,6 +41,7 @@ class SiteReport:
     fallbacks: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     state_bytes: int = 0
+    factored: int = 0
 
     @property
     def savings(self) -> float:
@@ -89,7 +92,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ("site", "dim", "rank", "fidelity", "tensors", "raw", "stored", "saved", "exp", "reset", "fb",
-                  "kept raw because")
+                  "factored", "kept raw because")
         rows = [
             (
                 s.name,
@@ -103,6 +106,7 @@ class Report:
                 str(s.expansions),
                 str(s.resets),
                 str(s.fallbacks),
+                str(s.factored),
                 ", ".join(f"{reason} {n}" for reason, n in sorted(s.reasons.items())),
             )
             for s in self.sites
@@ -110,7 +114,7 @@ class Report:
         rows.append(
             ("total", "", "", "", str(sum(s.tensors for s in self.sites)), format_bytes(self.raw_bytes),
              format_bytes(self.stored_bytes), f"{100 * self.savings:.1f}%", "", "",
-             str(sum(s.fallbacks for s in self.sites)), "")
+             str(sum(s.fallbacks for s in self.sites)), str(sum(s.factored for s in self.sites)), "")
         )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         last = len(header) - 1

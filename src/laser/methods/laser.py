@@ -134,6 +134,10 @@ class Compressor(ActivationMethod):
         # every data-parallel rank makes the same updates in the same order, whatever its own data drew.
         self.update_generator = torch.Generator().manual_seed(config.seed + 1)
 
+    @property
+    def factored_linears(self) -> bool:
+        return self.config.factored
+
     # ------------------------------------------------------------------ forward
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
@@ -397,7 +401,7 @@ class Compressor(ActivationMethod):
         state_bytes = stats.nbytes()
         return SiteReport(site, account.dim, stats.rank or account.dim, stats.stored.cosine(), account.raw_bytes,
                           account.stored_bytes + state_bytes, account.tensors, state.expansions, state.resets,
-                          account.fallbacks, dict(account.reasons), state_bytes)
+                          account.fallbacks, dict(account.reasons), state_bytes, account.factored)
 
     def extra_state(self) -> dict:
         return {"sites": {site: dict(vars(s)) for site, s in self.sites.items()},

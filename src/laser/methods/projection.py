@@ -34,11 +34,16 @@ class LowRankCodes(Packed):
         super().__init__(nbytes, shared=(basis,))
         self.codes, self.basis, self.dtype, self.scales = codes, basis, dtype, scales
 
-    def stored_codes(self, dtype: torch.dtype) -> torch.Tensor:
-        """The codes as backward will see them (dequantized, cast) in ``dtype``: (N, k)."""
+    factored = True
+
+    def stored_codes(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """The codes of ``rows`` as backward will see them (dequantized, cast) in ``dtype``: (N, k)."""
         if self.scales is None:
-            return self.codes.to(dtype)
-        return dequantize_columns_int8(self.codes, self.scales, dtype)
+            return self.codes[rows].to(dtype)
+        return dequantize_columns_int8(self.codes[rows], self.scales, dtype)
+
+    def factors(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stored_codes(self.basis.dtype, slice(first, first + count)), self.basis
 
     def decode(self) -> torch.Tensor:
         with autocast_off(self.codes.device):
@@ -169,7 +174,7 @@ class MeasuredMethod(ActivationMethod):
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
         return SiteReport(site, account.dim, self._ranks.get(site, account.dim), self.fidelity(site),
                           account.raw_bytes, account.stored_bytes, account.tensors, fallbacks=account.fallbacks,
-                          reasons=dict(account.reasons))
+                          reasons=dict(account.reasons), factored=account.factored)
 
     def clear_step(self) -> None:
         self._sums.clear()
