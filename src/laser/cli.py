@@ -4,6 +4,8 @@
     laser train --preset quick --out runs/mine --resume
     torchrun --standalone --nproc_per_node 2 -m laser.cli train --preset quick --method laser --out runs/ddp
     laser compare --preset quick --methods none,laser,laser:quantize=int8 --seeds 2
+    laser train --task text --method laser --out runs/text      # the looped byte LM (preset text-quick)
+    laser compare --task text --methods none,laser,oracle --seeds 2
 
 A subcommand is one entry of ``COMMANDS``: name -> (add_arguments(parser), run(args) -> exit code). A setting
 that does not exist or a value that is not allowed stops the command at once with exit code 2 and the list
@@ -25,9 +27,14 @@ from laser.train.config import (
     apply_overrides,
     config_to_dict,
     parse_method_spec,
+    presets_of,
     train_preset,
     with_method,
 )
+from laser.train.tasks import TASKS
+
+# The preset a task runs when --preset is not given (the maze's only for ``laser compare``, as before).
+TASK_PRESETS = {"maze": "quick", "text": "text-quick"}
 
 
 class UsageError(ValueError):
@@ -45,9 +52,27 @@ def _resolve(preset: str, method: str | None, sets: list[str]) -> TrainConfig:
         raise UsageError(str(err)) from err
 
 
+def choose_preset(preset: str | None, task: str | None, default: str | None) -> str:
+    """The preset a command runs: ``--preset``, else the task's default preset, else ``default``; a preset of
+    another task than ``--task`` is a UsageError."""
+    if preset is None:
+        preset = TASK_PRESETS[task] if task is not None else default
+    if preset is None:
+        raise UsageError("--preset is required (or --task, which picks its quick preset); presets: "
+                         + ", ".join(PRESETS))
+    if task is not None and preset not in presets_of(task):
+        raise UsageError(f"--preset {preset} is not a preset of --task {task}; its presets: "
+                         f"{', '.join(presets_of(task))}")
+    return preset
+
+
 def _add_common(parser: argparse.ArgumentParser, default_preset: str | None) -> None:
-    parser.add_argument("--preset", choices=list(PRESETS), default=default_preset, required=default_preset is None,
-                        help="training preset (default: %(default)s)")
+    defaults = ", ".join(f"{task}: {preset}" for task, preset in TASK_PRESETS.items())
+    parser.add_argument("--task", choices=list(TASKS), default=None,
+                        help="maze (TRM on mazes) or text (looped byte LM on the Python stdlib's source); picks "
+                             f"its preset when --preset is not given ({defaults})")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="training preset" + (f" (default: {default_preset})" if default_preset else ""))
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. model.hidden=64, lr=3e-4, method.rank=64 (repeatable)")
     parser.add_argument("--out", default=None, help="output folder")
@@ -67,6 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
     from laser.train import distributed
     from laser.train.trainer import CHECKPOINT_NAME, CheckpointError, Trainer
 
+    args.preset = choose_preset(args.preset, args.task, None)
     cfg = _resolve(args.preset, args.method, args.sets)
     try:
         main_process = distributed.env_world()[0] == 0
@@ -100,9 +126,8 @@ def run_train(args: argparse.Namespace) -> int:
         result = trainer.train()
     finally:
         distributed.teardown()
-    final, seconds = result["final"], result["method_seconds"]
-    say(f"{label}: val token acc {100 * final['token_acc']:.2f}%, solve rate {100 * final['solve_rate']:.1f}% "
-        f"(trivial {100 * result['trivial_solve_rate']:.1f}%), saved activations {result['activation_bytes']} B "
+    seconds = result["method_seconds"]
+    say(f"{label}: {trainer.task.final_line(result)}, saved activations {result['activation_bytes']} B "
         f"of {result['raw_activation_bytes']} B, median step {result['median_step_seconds']:.3f} s; {out}")
     say(f"method time over {result['steps']} steps: encode {seconds['encode']:.3f} s, "
         f"decode {seconds['decode']:.3f} s, update {seconds['update']:.3f} s (update includes the cross-process sync)")
@@ -152,6 +177,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if distributed.env_world()[1] > 1:
         raise UsageError("laser compare starts one process per (method, seed) itself; run it without torchrun")
+    args.preset = choose_preset(args.preset, args.task, "quick")
     cfg = _resolve(args.preset, None, args.sets)
     try:
         specs = [parse_method_spec(s) for s in split_methods(args.methods)]

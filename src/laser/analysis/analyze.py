@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from laser.analysis import plots
 from laser.analysis.collect import FIDELITY_BITS, collect_activations, main_sites, site_spectra
@@ -36,10 +36,9 @@ from laser.analysis.sites import format_site_table, site_table
 from laser.analysis.spectra import SUMMARY_RANKS, int8_round_trip, principal_basis, summarize
 from laser.analysis.stats import activation_stats, histogram, int8_error, pca_int8_stats
 from laser.config import LaserConfig
-from laser.data import maze
-from laser.models.trm import TRM
 from laser.report import Report, format_bytes
 from laser.subspace import one_thread
+from laser.train import tasks
 from laser.train.config import (
     TrainConfig,
     apply_overrides,
@@ -68,13 +67,13 @@ class Settings:
     """How much work the analysis does.
 
     Attributes:
-        batch: mazes per analysis batch (capped by the run's batch and validation mazes).
+        batch: examples (mazes, byte windows) per analysis batch (capped by the run's batch and validation set).
         max_rows: rows sampled per site for spectra, statistics and the autoencoder.
         autoencoder_steps: Adam steps of the linearity check's autoencoder.
         grad_batches: batches the gradients are summed over.
         sweep_ranks: ranks of the gradient-against-reconstruction-error sweep at each main site.
         depths: recursion depths of the memory scaling.
-        depth_batch: mazes in the memory-scaling batch.
+        depth_batch: examples in the memory-scaling batch.
     """
 
     batch: int
@@ -130,35 +129,36 @@ def load_run(run_dir: str | Path) -> Run:
                [json.loads(line) for line in lines if line.strip()], final.get("history", {}))
 
 
-def build_model(cfg: TrainConfig, weights: dict[str, Tensor], device: torch.device, **changes: object) -> TRM:
-    """The run's TRM (its model config with ``changes``) holding ``weights``, in fp32 on ``device``."""
+def build_model(cfg: TrainConfig, weights: dict[str, Tensor], device: torch.device, **changes: object) -> nn.Module:
+    """The run's model (a TRM or a looped LM, its model config with ``changes``) holding ``weights``, in fp32 on
+    ``device``."""
     model_cfg = dataclasses.replace(cfg.model, forward_dtype="float32", checkpoint=False, **changes)
-    model = TRM(model_cfg)
+    model = tasks.get(cfg.task).build_model(model_cfg)
     model.load_state_dict(weights)
     return model.to(device)
 
 
-def supervision_loss(model: TRM, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """The trainer's loss of one batch: ``n_sup - 1`` supervision steps without grad, the last one with it."""
-    inputs, targets = batch
-    carry = None
-    with torch.no_grad():
-        for _ in range(model.cfg.n_sup - 1):
-            carry, _, _ = model.forward_carry(inputs, carry)
-    _, logits, halt_logits = model.forward_carry(inputs, carry)
-    return model.loss(logits, targets, halt_logits)
+# The maze trainer's loss of one batch: ``n_sup - 1`` supervision steps without grad, the last one with it.
+supervision_loss = tasks.TASKS["maze"].loss
 
 
-def validation_split(cfg: TrainConfig) -> maze.MazeSplit:
-    """The run's maze split (from the cache when present)."""
-    d = cfg.data
-    return maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
+def task_loss(cfg: TrainConfig) -> Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]:
+    """The training loss of one batch of the run's task (:func:`supervision_loss` on mazes)."""
+    return tasks.get(cfg.task).loss
 
 
-def validation_batches(cfg: TrainConfig, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-    """The run's validation mazes in consecutive batches of ``batch`` (the last partial one dropped)."""
-    split = validation_split(cfg)
-    inputs, targets = torch.from_numpy(split.val_inputs).to(device), torch.from_numpy(split.val_targets).to(device)
+def validation_data(cfg: TrainConfig, device: torch.device) -> tasks.TaskData:
+    """The run's task data: validation tensors on ``device`` and the trivial score (mazes from the cache when
+    present, the text corpus from its files or cache)."""
+    return tasks.get(cfg.task).load(cfg, device)
+
+
+def validation_batches(cfg: TrainConfig, batch: int, device: torch.device,
+                       data: tasks.TaskData | None = None) -> list[tuple[Tensor, Tensor]]:
+    """The run's validation examples (mazes, byte windows) in consecutive batches of ``batch`` (the last partial
+    one dropped)."""
+    data = data if data is not None else validation_data(cfg, device)
+    inputs, targets = data.val_inputs, data.val_targets
     return [(inputs[i : i + batch], targets[i : i + batch]) for i in range(0, len(inputs) - batch + 1, batch)]
 
 
@@ -173,11 +173,12 @@ def _spectra_section(run: Run, settings: Settings, device: torch.device, batches
     """Spectra, per-step effective ranks, oracle fidelity (final and over snapshots); also the main sites'
     recorded rows at the final checkpoint."""
     model = build_model(run.config, run.weights[run.final_step], device)
-    activations = collect_activations(model, batches, supervision_loss, max_rows=settings.max_rows)
+    loss_fn = task_loss(run.config)
+    activations = collect_activations(model, batches, loss_fn, max_rows=settings.max_rows)
     mains = main_sites(activations)
     spectra = site_spectra(activations)
     # Per-step samples of the main sites only: for every site they would hold steps x max_rows rows each.
-    _, steps = collect_activations(model, batches, supervision_loss, max_rows=settings.max_rows, per_step=True,
+    _, steps = collect_activations(model, batches, loss_fn, max_rows=settings.max_rows, per_step=True,
                                    include=tuple(glob_literal(site) for site in mains.values()))
     plots.plot_spectra({f"{kind}: {site}": spectra[site].summary for kind, site in mains.items()},
                        out / "spectra.png")
@@ -192,7 +193,7 @@ def _spectra_section(run: Run, settings: Settings, device: torch.device, batches
         if step == run.final_step:
             fidelity = {site: spectra[site].fidelity for site in mains.values()}
         else:
-            snapshot = collect_activations(build_model(run.config, weights, device), batches, supervision_loss,
+            snapshot = collect_activations(build_model(run.config, weights, device), batches, loss_fn,
                                            max_rows=settings.max_rows,
                                            include=tuple(glob_literal(site) for site in mains.values()))
             fidelity = {site: s.fidelity for site, s in site_spectra(snapshot, mains.values()).items()}
@@ -288,7 +289,8 @@ def _gradient_section(run: Run, settings: Settings, device: torch.device, batche
     measured = batches[: settings.grad_batches]
     warmup_batches = batches[settings.grad_batches : 2 * settings.grad_batches] or measured
     state = run.method_state if run.config.method == "laser" else None
-    result = gradient_fidelity(model, measured, supervision_loss, warmup_batches=warmup_batches, state=state,
+    loss_fn = task_loss(run.config)
+    result = gradient_fidelity(model, measured, loss_fn, warmup_batches=warmup_batches, state=state,
                                **options)
     if result.sites:
         plots.plot_scatter({row.site: (row.relative_error, 1 - row.cosine) for row in result.sites},
@@ -299,7 +301,7 @@ def _gradient_section(run: Run, settings: Settings, device: torch.device, batche
     for site in mains.values():
         ranks = [k for k in settings.sweep_ranks if k < int(site.rsplit(":", 1)[1])]
         if ranks:
-            sweeps[site] = rank_sweep(model, measured, supervision_loss, site, ranks, warmup_batches=warmup_batches,
+            sweeps[site] = rank_sweep(model, measured, loss_fn, site, ranks, warmup_batches=warmup_batches,
                                       policy="paper", **sweep_options)
     if sweeps:
         series = {site: ([r.relative_error for r in rows], [max(r.relative_grad_error, 1e-12) for r in rows])
@@ -325,11 +327,13 @@ def _depth_section(run: Run, settings: Settings, device: torch.device, batch: tu
     size = settings.depth_batch
     batch = (batch[0][:size], batch[1][:size])
 
-    def model_at_depth(n: int) -> TRM:
-        return build_model(run.config, weights, device, L_cycles=n, H_cycles=1, n_sup=1)
+    task = tasks.get(run.config.task)
+
+    def model_at_depth(n: int) -> nn.Module:
+        return build_model(run.config, weights, device, **task.depth(n))
 
     state = run.method_state if run.config.method == "laser" else None
-    result = depth_scaling(model_at_depth, batch, supervision_loss, settings.depths, state=state,
+    result = depth_scaling(model_at_depth, batch, task.loss, settings.depths, state=state,
                            **laser_options(run.config))
     depths = [p.depth for p in result.points]
     mib = 2.0**20
@@ -340,7 +344,7 @@ def _depth_section(run: Run, settings: Settings, device: torch.device, batch: tu
             "LASER (measured)": (depths, [p.laser_bytes / mib for p in result.points]),
             "LASER O(nBk + Dk)": (depths, [b / mib for b in result.predicted_laser]),
         },
-        out / "depth.png", "recursion depth n (L_cycles)", "saved activations (MiB)",
+        out / "depth.png", f"recursion depth n ({next(iter(task.depth(1)))})", "saved activations (MiB)",
         f"memory against depth (batch {batch[0].shape[0]})",
     )
     return {
@@ -459,13 +463,11 @@ def write_report(results: dict, claims: list[Claim], out: Path) -> Path:
     mains = spectra["main_sites"]
     lines = [f"# Analysis of `{run['path']}`", ""]
     lines += [
-        f"Model: TRM hidden {run['hidden']}, {run['L_cycles']} L-cycles x {run['H_cycles']} H-cycles, "
-        f"{run['n_sup']} supervision steps; trained with `{run['method']}` "
+        f"Model: {run['model']}; trained with `{run['method']}` "
         f"({run['method_options'] or 'default options'}) for "
-        f"{run['step']} steps. Final validation: {run['final']}; a model that copies its input grid solves "
-        f"{100 * run['trivial_solve_rate']:.1f}% of these mazes (the trivial rate).",
-        f"Analysis batches: {run['batches']} x {run['batch']} validation mazes; up to {run['max_rows']} rows per "
-        f"site; settings `{run['settings']}`; {results['seconds']:.0f} s.",
+        f"{run['step']} steps. Final validation: {run['final']}; {run['trivial']}.",
+        f"Analysis batches: {run['batches']} x {run['batch']} validation {run['examples']}; up to "
+        f"{run['max_rows']} rows per site; settings `{run['settings']}`; {results['seconds']:.0f} s.",
         "",
         "## Claims of the paper on this run",
         "",
@@ -567,7 +569,7 @@ def write_report(results: dict, claims: list[Claim], out: Path) -> Path:
     depth = results["depth"]
     lines += ["## Memory against recursion depth (section 3.4)", "",
               f"Saved-activation bytes (unique storages kept by autograd, from each method's report) of one "
-              f"forward + backward of the final model unrolled n L-cycles (H-cycles 1, one supervision step), "
+              f"forward + backward of the final model unrolled {run['depth_words']}, "
               f"batch {depth['batch']}; LASER from {depth['source']}. Predictions take their constants from the "
               f"smallest depth: M_full(n) = M_full(n0) n / n0 and M_LASER(n) = (M_LASER(n0) - bases) n / n0 + "
               f"bases, bases = sum of D k 4 B over compressed sites. Both forms also scale what is saved once per "
@@ -611,8 +613,10 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     cfg = run.config
-    batch = min(settings.batch, cfg.batch, cfg.data.val_count)
-    batches = validation_batches(cfg, batch, dev)
+    task = tasks.get(cfg.task)
+    data = validation_data(cfg, dev)
+    batch = min(settings.batch, cfg.batch, len(data.val_inputs))
+    batches = validation_batches(cfg, batch, dev, data)
     needed = max(max_batches, 2 * settings.grad_batches)
     if len(batches) < needed:
         say(f"only {len(batches)} validation batches of {batch}; the analyses share them")
@@ -637,15 +641,18 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, max_batches:
     except ValueError as err:
         table = f"LASER saved nothing here: {err}."
     final_eval = next((e for e in reversed(run.history.get("eval", [])) if e.get("final")), None)
-    split = validation_split(cfg)
     results = {
         "run": {
-            "path": str(run.path), "method": cfg.method, "method_options": cfg.method_options,
-            "step": run.final_step, "hidden": cfg.model.hidden, "L_cycles": cfg.model.L_cycles,
-            "H_cycles": cfg.model.H_cycles, "n_sup": cfg.model.n_sup,
-            "final": (f"token accuracy {100 * final_eval['token_acc']:.2f}%, solve rate "
-                      f"{100 * final_eval['solve_rate']:.1f}%") if final_eval else "not recorded",
-            "trivial_solve_rate": maze.trivial_solve_rate(split.val_inputs, split.val_targets),
+            "path": str(run.path), "task": cfg.task, "method": cfg.method, "method_options": cfg.method_options,
+            "step": run.final_step, "hidden": cfg.model.hidden, "model": task.describe_model(cfg.model),
+            **{key: getattr(cfg.model, key) for key in ("L_cycles", "H_cycles", "n_sup", "layers", "loops")
+               if hasattr(cfg.model, key)},
+            "final": task.final_words(final_eval) if final_eval else "not recorded",
+            "final_metrics": final_eval,
+            **data.summary,
+            "trivial": task.trivial_words(data.summary),
+            "examples": task.examples,
+            "depth_words": task.depth_words,
             "batch": batch, "batches": min(max_batches, len(batches)), "grad_batches": settings.grad_batches,
             "max_rows": settings.max_rows, "settings": "quick" if quick else "full",
         },

@@ -175,11 +175,13 @@ def _baseline_label(label: str) -> str:
     return f"{label} (baseline)"
 
 
-def pareto_figure(points: dict[str, dict[str, float]], baseline: str, trivial: float | None = None) -> Figure:
-    """Memory against solve rate and against step time, one point per method, the baseline a black star.
+def pareto_figure(points: dict[str, dict[str, float]], baseline: str, trivial: float | None = None,
+                  metric: str = "val solve rate (%)", trivial_label: str = "trivial (copy input)") -> Figure:
+    """Memory against the headline metric and against step time, one point per method, the baseline a black star.
 
-    ``points[label]`` holds ``memory`` (MiB, drawn on a log axis), ``solve`` and ``solve_std`` (%), ``time``
-    and ``time_std`` (step time over the baseline's). ``trivial`` (%), if given, is a dashed line on the solve
+    ``points[label]`` holds ``memory`` (MiB, drawn on a log axis), ``solve`` and ``solve_std`` (the headline
+    metric, named ``metric`` on its axis: the solve rate in %, or bits per byte), ``time`` and ``time_std``
+    (step time over the baseline's). ``trivial``, if given, is a dashed line (``trivial_label``) on the metric's
     panel. Each point carries its label in the legend and beside it; the baseline's reads "LABEL (baseline)".
     """
     _check_nonempty(points, "points")
@@ -192,20 +194,21 @@ def pareto_figure(points: dict[str, dict[str, float]], baseline: str, trivial: f
             ax.errorbar([p["memory"]], [y], yerr=[err], linestyle="none", label=name, **style)
             ax.annotate(name, (p["memory"], y), textcoords="offset points", xytext=(5, 5), fontsize=7)
     if trivial is not None:
-        solve_ax.axhline(trivial, color="gray", linestyle="--", label="trivial (copy input)")
+        solve_ax.axhline(trivial, color="gray", linestyle="--", label=trivial_label)
     # Log memory axis: the methods span two orders of magnitude and would crowd the left edge.
     for ax in (solve_ax, time_ax):
         ax.set_xscale("log")
         ax.margins(0.15)
-    _style(solve_ax, "saved activations (MiB, log)", "val solve rate (%)", "Memory vs solve rate")
+    _style(solve_ax, "saved activations (MiB, log)", metric, f"Memory vs {metric.split(' (')[0].removeprefix('val ')}")
     _style(time_ax, "saved activations (MiB, log)", "step time / baseline", "Memory vs step time")
     return fig
 
 
 def plot_pareto(points: dict[str, dict[str, float]], path: str | Path, baseline: str,
-                trivial: float | None = None) -> Path:
+                trivial: float | None = None, metric: str = "val solve rate (%)",
+                trivial_label: str = "trivial (copy input)") -> Path:
     """:func:`pareto_figure` written to ``path``."""
-    return _finish(pareto_figure(points, baseline, trivial), path)
+    return _finish(pareto_figure(points, baseline, trivial, metric, trivial_label), path)
 
 
 def gradient_cosine_figure(curves: dict[str, list[tuple[int, float, float]]], baseline: str) -> Figure:

@@ -1,5 +1,9 @@
 """Head-to-head comparison of activation-memory methods: same data, same init, same seeds.
 
+The headline metric is the task's (:mod:`laser.train.tasks`): the maze solve rate (higher is better) or the
+text task's validation bits per byte (lower is better); every test, "who wins" line and plot follows its
+direction, and each entry of results.json names it under ``metric``.
+
 Each (method, seed) trains in a fresh process (:mod:`laser.train.worker`), so its CPU peak memory is its own.
 The comparison writes ``OUT/results.json`` (one entry per method), ``OUT/report.md`` (table, per-site rows,
 plots, config, wall time) and ``OUT/config.json``.
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from laser.analysis.stats import WELCH_TEST, SeedDifference, seed_difference
 from laser.report import format_bytes
+from laser.train import tasks
 from laser.train.config import (
     MethodSpec,
     TrainConfig,
@@ -32,6 +37,7 @@ from laser.train.config import (
     result_relevant,
     with_method,
 )
+from laser.train.tasks import Metric
 from laser.train.trainer import write_json
 
 PAPER_SEEDS = (100, 101, 102, 103, 104)
@@ -194,13 +200,16 @@ def compare(
         for future in concurrent.futures.as_completed(futures):
             label, seed = futures[future]
             runs[(label, seed)] = r = future.result()
-            log(f"  {label} seed {seed}: solve {r['final']['solve_rate']:.3f} "
-                f"(trivial {r['trivial_solve_rate']:.3f}), token acc {r['final']['token_acc']:.4f}, "
+            metric = tasks.get(cfg.task).metric
+            score = "solve" if metric is tasks.SOLVE_RATE else metric.key
+            log(f"  {label} seed {seed}: {score} {r['final'][metric.key]:.3f} "
+                f"(trivial {r[metric.trivial_key]:.3f}), token acc {r['final']['token_acc']:.4f}, "
                 f"activations {format_bytes(r['activation_bytes'])}, median step {r['median_step_seconds']:.3f} s "
                 f"(CPU {r['median_step_cpu_seconds']:.3f} s)")
     wall = time.perf_counter() - start
 
-    results = {label: _entry(label, labels, baseline, seeds, runs) for label in labels}
+    metric = tasks.get(cfg.task).metric
+    results = {label: _entry(label, labels, baseline, seeds, runs, metric) for label in labels}
     write_json(out / "results.json", results)
     plots = write_plots(results, out, baseline)
     table = markdown_table(results, baseline)
@@ -224,11 +233,13 @@ def step_time(result: dict) -> float:
     return result["median_step_seconds"] if result["device"].startswith("cuda") else result["median_step_cpu_seconds"]
 
 
-def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs: dict) -> dict:
-    """One method's row of results.json, aggregated over seeds."""
+def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs: dict,
+           metric: Metric = tasks.SOLVE_RATE) -> dict:
+    """One method's row of results.json, aggregated over seeds; ``p_value`` and ``min_detectable_difference``
+    test the task's ``metric`` (the maze solve rate, the text bits per byte)."""
     mine = [runs[(label, s)] for s in seeds]
     base = [runs[(baseline, s)] for s in seeds]
-    solve = [r["final"]["solve_rate"] for r in mine]
+    solve = [r["final"][metric.key] for r in mine]
     acc = [r["final"]["token_acc"] for r in mine]
     is_baseline = label == baseline
     probes = [r["grad_cosine"] for r in mine]
@@ -250,13 +261,14 @@ def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs:
         "median_step_seconds": summarize([r["median_step_seconds"] for r in mine]),
         "median_step_cpu_seconds": summarize([r["median_step_cpu_seconds"] for r in mine]),
         "token_acc": summarize(acc),
-        "solve_rate": summarize(solve),
-        "trivial_solve_rate": mine[0]["trivial_solve_rate"],
-        "p_value": None if is_baseline else welch_p_value(solve, [b["final"]["solve_rate"] for b in base]),
+        metric.key: summarize(solve),
+        metric.trivial_key: mine[0][metric.trivial_key],
+        **({} if metric is tasks.SOLVE_RATE else {"metric": metric.key, "corpus": mine[0].get("corpus")}),
+        "p_value": None if is_baseline else welch_p_value(solve, [b["final"][metric.key] for b in base]),
         "p_value_token_acc": None if is_baseline else welch_p_value(acc, [b["final"]["token_acc"] for b in base]),
         "test": None if is_baseline else WELCH_TEST,
         "min_detectable_difference": None if is_baseline else seed_difference(
-            solve, [b["final"]["solve_rate"] for b in base]).min_detectable,
+            solve, [b["final"][metric.key] for b in base]).min_detectable,
         "min_detectable_difference_token_acc": None if is_baseline else seed_difference(
             acc, [b["final"]["token_acc"] for b in base]).min_detectable,
         "gradient_cosine": {
@@ -287,10 +299,20 @@ def _pm(stat: dict, scale: float = 1.0, digits: int = 2, percent: bool = False) 
     return f"{mean:.{digits}f} ± {std:.{digits}f}{suffix}"
 
 
+def _show(metric: Metric, stat: dict) -> str:
+    """Mean ± std of the headline metric as the reports write it."""
+    return _pm(stat, percent=metric.percent, digits=metric.digits)
+
+
 def markdown_table(results: dict, baseline: str) -> str:
     """The comparison table (markdown): memory, speed, accuracy with mean ± std over seeds, p-values."""
-    header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
-              "val token acc", "val solve rate", "p (solve)", "trivial solve", "grad cosine"]
+    metric = tasks.metric_of(results)
+    if metric is tasks.SOLVE_RATE:
+        header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
+                  "val token acc", "val solve rate", "p (solve)", "trivial solve", "grad cosine"]
+    else:
+        header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
+                  "val next-byte acc", f"val {metric.name}", f"p ({metric.key})", "unigram", "grad cosine"]
     rows = []
     for label, e in results.items():
         p = e["p_value"]
@@ -302,9 +324,9 @@ def markdown_table(results: dict, baseline: str) -> str:
             format_bytes(e["peak_memory_bytes"]["mean"]),
             _pm(e["step_time_ratio"]),
             _pm(e["token_acc"], percent=True),
-            _pm(e["solve_rate"], percent=True, digits=1),
+            _show(metric, e[metric.key]),
             "-" if p is None else f"{p:.3g}",
-            f"{100 * e['trivial_solve_rate']:.1f}%",
+            metric.show(e[metric.trivial_key]),
             "-" if cos["mean"] is None else f"{cos['mean']:.4f}",
         ])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -312,18 +334,27 @@ def markdown_table(results: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def _better_or_equal(metric: Metric, a: float, b: float) -> bool:
+    return a >= b if metric.higher_is_better else a <= b
+
+
 def keeps_accuracy(entry: dict, baseline: dict, alpha: float = 0.05) -> bool:
-    """Whether a method's solve rate is not significantly below the baseline's (Welch p >= ``alpha``, or a mean
-    at least the baseline's; with one seed or no variance only the means are compared)."""
-    if entry["solve_rate"]["mean"] >= baseline["solve_rate"]["mean"]:
+    """Whether a method's headline metric (solve rate, bits per byte) is not significantly worse than the
+    baseline's (Welch p >= ``alpha``, or a mean at least as good; with one seed or no variance only the means
+    are compared)."""
+    metric = tasks.metric_of({"entry": entry})
+    if _better_or_equal(metric, entry[metric.key]["mean"], baseline[metric.key]["mean"]):
         return True
     return entry["p_value"] is not None and entry["p_value"] >= alpha
 
 
 def pareto_front(results: dict) -> list[str]:
     """Methods no other method beats on every axis at once: less activation memory, less step time and a
-    higher mean solve rate (ties count as not worse; a method equal on all three is not dominated)."""
-    axes = {label: (e["activation_bytes"]["mean"], e["step_time_ratio"]["mean"], -e["solve_rate"]["mean"])
+    better mean headline metric (a higher solve rate, fewer bits per byte; ties count as not worse; a method
+    equal on all three is not dominated)."""
+    metric = tasks.metric_of(results)
+    sign = -1 if metric.higher_is_better else 1
+    axes = {label: (e["activation_bytes"]["mean"], e["step_time_ratio"]["mean"], sign * e[metric.key]["mean"])
             for label, e in results.items()}
 
     def dominates(a: tuple, b: tuple) -> bool:
@@ -396,21 +427,25 @@ def axis_winners(results: dict, baseline: str) -> list[str]:
     base = results[baseline]
     if len(results) < 2:
         return []
+    metric = tasks.metric_of(results)
+    worse = "below" if metric.higher_is_better else "above"
     lines = [_axis_line(
         "least activation memory", results, baseline, lambda e: e["activation_bytes"], lower=True,
         show=lambda e: f"{e['activation_ratio']['mean']:.3f} of the baseline's", amount=format_bytes)]
     keeping = {label: e for label, e in results.items() if label == baseline or keeps_accuracy(e, base)}
     label = min(keeping, key=lambda m: (keeping[m]["activation_bytes"]["mean"], m != baseline))
     if label == baseline:
-        lines.append("- least activation memory with a solve rate not significantly below the baseline's: the "
-                     f"baseline **{baseline}** itself: every other method's solve rate is significantly lower")
+        lines.append(f"- least activation memory with a {metric.name} not significantly {worse} the baseline's: "
+                     f"the baseline **{baseline}** itself: every other method's {metric.name} is significantly "
+                     + ("lower" if metric.higher_is_better else "higher"))
     else:
         e = keeping[label]
-        d = seed_difference(e["solve_rate"]["per_seed"], base["solve_rate"]["per_seed"])
-        lines.append(f"- least activation memory with a solve rate not significantly below the baseline's "
-                     f"(Welch p >= 0.05 or a higher mean): **{label}** ({e['activation_ratio']['mean']:.3f}, "
-                     f"solve {_pm(e['solve_rate'], percent=True, digits=1)} against the baseline's "
-                     f"{_pm(base['solve_rate'], percent=True, digits=1)}; {_evidence(d, _points)})")
+        d = seed_difference(e[metric.key]["per_seed"], base[metric.key]["per_seed"])
+        score = "solve" if metric is tasks.SOLVE_RATE else metric.name
+        lines.append(f"- least activation memory with a {metric.name} not significantly {worse} the baseline's "
+                     f"(Welch p >= 0.05 or a {'higher' if metric.higher_is_better else 'lower'} mean): **{label}** "
+                     f"({e['activation_ratio']['mean']:.3f}, {score} {_show(metric, e[metric.key])} against the "
+                     f"baseline's {_show(metric, base[metric.key])}; {_evidence(d, metric.difference)})")
     lines.append(_axis_line(
         "fastest", results, baseline, lambda e: e["step_time_ratio"], lower=True,
         show=lambda e: f"step time {_pm(e['step_time_ratio'])} x the baseline's", amount=lambda x: f"{x:.2f}x"))
@@ -419,22 +454,25 @@ def axis_winners(results: dict, baseline: str) -> list[str]:
         show=lambda e: f"cosine {e['gradient_cosine']['model']['mean']:.4f}", amount=lambda x: f"{x:.4f}")
         or "- most faithful gradients: no gradient probes in these runs")
     lines.append(_axis_line(
-        "highest solve rate", results, baseline, lambda e: e["solve_rate"], lower=False,
-        show=lambda e: _pm(e["solve_rate"], percent=True, digits=1), amount=_points))
-    lines.append("- Pareto front (activation memory, step time, solve rate; means, the baseline included): "
+        f"{'highest' if metric.higher_is_better else 'lowest'} {metric.name}", results, baseline,
+        lambda e: e[metric.key], lower=not metric.higher_is_better,
+        show=lambda e: _show(metric, e[metric.key]), amount=metric.difference))
+    lines.append(f"- Pareto front (activation memory, step time, {metric.name}; means, the baseline included): "
                  + ", ".join(f"**{m}**" + (" (baseline)" if m == baseline else "") for m in pareto_front(results)))
     return [line for line in lines if line is not None]
 
 
 def accuracy_tests(results: dict, baseline: str) -> list[str]:
-    """Markdown table: each method's solve-rate and token-accuracy difference from the baseline, its test,
-    p-value, the smallest difference its seeds could detect and whether they tell the two apart."""
+    """Markdown table: each method's headline-metric (solve rate, bits per byte) and token-accuracy difference
+    from the baseline, its test, p-value, the smallest difference its seeds could detect and whether they tell
+    the two apart."""
     base = results[baseline]
+    headline = tasks.metric_of(results)
     rows = []
     for label, e in results.items():
         if label == baseline:
             continue
-        for metric, name in (("solve_rate", "solve rate"), ("token_acc", "token acc")):
+        for metric, name in ((headline.key, headline.name), ("token_acc", "token acc")):
             if metric not in e or metric not in base:
                 continue
             d = seed_difference(e[metric]["per_seed"], base[metric]["per_seed"])
@@ -446,9 +484,12 @@ def accuracy_tests(results: dict, baseline: str) -> list[str]:
                 verdict = "the seeds cannot tell them apart"
             if d.note:
                 verdict += f" ({d.note})"
-            rows.append(f"| {label} | {name} | {100 * d.difference:+.2f} points | Welch t-test | "
-                        f"{'-' if d.p_value is None else f'{d.p_value:.3g}'} | "
-                        f"{'-' if d.min_detectable is None else _points(d.min_detectable)} | {verdict} |")
+            percent = metric == "token_acc" or headline.percent
+            shown = f"{100 * d.difference:+.2f} points" if percent else f"{d.difference:+.4f} bits"
+            detectable = "-" if d.min_detectable is None else (
+                _points(d.min_detectable) if percent else headline.difference(d.min_detectable))
+            rows.append(f"| {label} | {name} | {shown} | Welch t-test | "
+                        f"{'-' if d.p_value is None else f'{d.p_value:.3g}'} | {detectable} | {verdict} |")
     if not rows:
         return []
     return [f"Difference: the method's mean over seeds minus the baseline's ({baseline}). Test: {WELCH_TEST}, "
@@ -477,6 +518,26 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
     first = next(iter(results.values()))
     seeds = first["seeds"]
     tests = accuracy_tests(results, baseline)
+    metric = tasks.metric_of(results)
+    if metric is tasks.SOLVE_RATE:
+        trivial = (f"Trivial solve rate (a model that copies its input grid): {100 * first['trivial_solve_rate']:.1f}% "
+                   "of validation mazes.")
+        accuracy = ("- val token acc / solve rate: final validation accuracy per cell and whole-grid exact match, "
+                    "mean ± std over seeds; p: Welch t-test of the solve rate against the baseline (- for the "
+                    "baseline, a single seed, or no variance); the smallest difference the seeds could detect is in "
+                    "*Accuracy against the baseline* and results.json (`min_detectable_difference`).")
+    else:
+        corpus = first.get("corpus") or {}
+        trivial = (f"Unigram bits per byte ({metric.trivial_name}): {first[metric.trivial_key]:.4f} on the "
+                   f"validation bytes. Corpus: {corpus.get('train_files', '?')} training and "
+                   f"{corpus.get('val_files', '?')} validation files of the Python {corpus.get('python', '?')} "
+                   f"standard library, content SHA-256 `{corpus.get('content_hash', '?')}` (another Python version "
+                   "reads other files: compare only runs with the same hash).")
+        accuracy = ("- val next-byte acc / bits per byte: final validation next-byte accuracy and cross-entropy in "
+                    "bits per byte (lower is better) over the held-out files' windows, mean ± std over seeds; p: "
+                    "Welch t-test of the bits per byte against the baseline (- for the baseline, a single seed, or "
+                    "no variance); the smallest difference the seeds could detect is in *Accuracy against the "
+                    "baseline* and results.json (`min_detectable_difference`).")
     lines = [
         f"# laser compare: preset {resolved['preset'] or '(custom)'}, {len(seeds)} seed(s) {seeds}",
         "",
@@ -485,8 +546,7 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "per run" + (f"; {resolved['reused_runs']} run(s) reused from an interrupted invocation (`--resume`), "
                      "not counted in the wall time." if resolved.get("reused_runs") else "."),
         "",
-        f"Trivial solve rate (a model that copies its input grid): {100 * first['trivial_solve_rate']:.1f}% of "
-        "validation mazes.",
+        trivial,
         "",
         table,
         "",
@@ -503,17 +563,14 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "- step time: median optimizer-step time divided by the baseline's, same seed, same comparison; on a "
         "CPU the process CPU time of a step (robust to other load on the machine; the wall-time ratio is "
         "`wall_step_time_ratio` in results.json), on a GPU the synchronised wall time.",
-        "- val token acc / solve rate: final validation accuracy per cell and whole-grid exact match, "
-        "mean ± std over seeds; p: Welch t-test of the solve rate against the baseline (- for the baseline, "
-        "a single seed, or no variance); the smallest difference the seeds could detect is in *Accuracy "
-        "against the baseline* and results.json (`min_detectable_difference`).",
+        accuracy,
         "- grad cosine: cosine between the method's parameter gradient and the exact one (same weights, method "
         "off) on two fixed validation batches at the end of training, mean over seeds.",
-        "- `+checkpoint`: each recursion step's `net` call is recomputed in backward (`torch.utils.checkpoint`, "
-        "non-reentrant), so the graph keeps only each step's inputs and the tensors outside the recursion. "
-        "Combined with a method, those inputs are what the method stores (laser codes the per-step hidden "
-        "states): backward recomputes every step from the decoded inputs, and the tensors rebuilt in backward "
-        "live one step at a time, uncompressed.",
+        "- `+checkpoint`: each recursion step (the TRM's `net` call, the looped LM's block stack) is recomputed in "
+        "backward (`torch.utils.checkpoint`, non-reentrant), so the graph keeps only each step's inputs and the "
+        "tensors outside the recursion. Combined with a method, those inputs are what the method stores (laser "
+        "codes the per-step hidden states): backward recomputes every step from the decoded inputs, and the "
+        "tensors rebuilt in backward live one step at a time, uncompressed.",
         "",
         "## Gradient fidelity and compression time",
         "",
@@ -576,16 +633,21 @@ def write_plots(results: dict, out: Path, baseline: str | None = None) -> list[s
     if baseline is None:
         baseline = next((label for label, e in results.items() if e.get("baseline")), next(iter(results)))
     names = []
-    trivial = next(iter(results.values()))["trivial_solve_rate"]
+    metric = tasks.metric_of(results)
+    scale = 100 if metric.percent else 1
+    unit = " (%)" if metric.percent else ""
+    trivial = next(iter(results.values()))[metric.trivial_key]
+    trivial_label = "trivial (copy input)" if metric is tasks.SOLVE_RATE else "unigram (no context)"
 
     fig, (solve_ax, acc_ax) = _figure(11, 4, 2)
     for label, e in results.items():
-        steps, solve = _mean_curve(e, "solve_rate")
-        solve_ax.plot(steps, [100 * v for v in solve], marker="o", label=label)
+        steps, solve = _mean_curve(e, metric.key)
+        solve_ax.plot(steps, [scale * v for v in solve], marker="o", label=label)
         steps, acc = _mean_curve(e, "token_acc")
         acc_ax.plot(steps, [100 * v for v in acc], marker="o", label=label)
-    solve_ax.axhline(100 * trivial, color="gray", linestyle="--", label="trivial (copy input)")
-    solve_ax.set(xlabel="optimizer step", ylabel="val solve rate (%)", title="Validation solve rate (mean of seeds)")
+    solve_ax.axhline(scale * trivial, color="gray", linestyle="--", label=trivial_label)
+    solve_ax.set(xlabel="optimizer step", ylabel=f"val {metric.name}{unit}",
+                 title=f"Validation {metric.name} (mean of seeds)")
     acc_ax.set(xlabel="optimizer step", ylabel="val token accuracy (%)", title="Validation token accuracy")
     solve_ax.legend(fontsize=8)
     fig.tight_layout()
@@ -620,10 +682,11 @@ def write_plots(results: dict, out: Path, baseline: str | None = None) -> list[s
     fig.savefig(out / "ranks.png")
     names.append("ranks.png")
 
-    points = {label: {"memory": e["activation_bytes"]["mean"] / 2**20, "solve": 100 * e["solve_rate"]["mean"],
-                      "solve_std": 100 * e["solve_rate"]["std"], "time": e["step_time_ratio"]["mean"],
+    points = {label: {"memory": e["activation_bytes"]["mean"] / 2**20, "solve": scale * e[metric.key]["mean"],
+                      "solve_std": scale * e[metric.key]["std"], "time": e["step_time_ratio"]["mean"],
                       "time_std": e["step_time_ratio"]["std"]} for label, e in results.items()}
-    plot_pareto(points, out / "pareto.png", baseline, trivial=100 * trivial)
+    plot_pareto(points, out / "pareto.png", baseline, trivial=scale * trivial,
+                metric=f"val {metric.name}{unit}", trivial_label=trivial_label)
     names.append("pareto.png")
 
     curves = {label: [(point["step"], point["model"]["mean"], point["model"]["std"])

@@ -1,9 +1,10 @@
 """Training configuration: dataclasses validated on construction, named presets, ``key=value`` overrides.
 
-A :class:`TrainConfig` holds the model (a :class:`~laser.models.trm.TRMConfig`), the data
-(:class:`DataConfig`), the optimisation settings, the activation-memory method with its options, and the
-bookkeeping (evaluation, logging, checkpoints). Every setting is checked in ``__post_init__``, so a bad
-config fails before any data is generated, naming the key and the values it accepts.
+A :class:`TrainConfig` holds the task (``"maze"`` or ``"text"``, :mod:`laser.train.tasks`), its model (a
+:class:`~laser.models.trm.TRMConfig` or a :class:`~laser.models.looped_lm.LoopedLMConfig`), its data
+(:class:`DataConfig` or :class:`TextDataConfig`), the optimisation settings, the activation-memory method with
+its options, and the bookkeeping (evaluation, logging, checkpoints). Every setting is checked in
+``__post_init__``, so a bad config fails before any data is generated, naming the key and the values it accepts.
 
 >>> cfg = apply_overrides(train_preset("quick"), ["model.hidden=128", "lr=3e-4", "method=laser", "method.rank=32"])
 >>> cfg.model.hidden, cfg.lr, cfg.method, cfg.method_options
@@ -21,12 +22,14 @@ from dataclasses import dataclass, field, fields
 
 from laser import methods
 from laser.data import maze
-from laser.models import trm
+from laser.models import looped_lm, trm
+from laser.train import tasks
 from laser.train.distributed import PARALLEL_MODES
 
 PRECISIONS = ("fp32", "bf16")
-# Model settings that follow from the data and cannot be set on their own.
-DERIVED_MODEL_KEYS = ("seq_len", "vocab")
+# Model settings that follow from the data and cannot be set on their own (the maze task's; each task names its
+# own in ``derived_model_keys``).
+DERIVED_MODEL_KEYS = tasks.MazeTask.derived_model_keys
 # Settings set through their own dotted keys (model.*, data.*, method, method.*), not as a whole.
 NESTED_KEYS = ("model", "data", "method_options", "method_defaults")
 # Settings that change bookkeeping only, never the trained weights: a run may resume with other values.
@@ -81,12 +84,45 @@ class DataConfig:
 
 
 @dataclass
+class TextDataConfig:
+    """The byte corpus of the text task (:mod:`laser.data.text`): the standard library's source, split by file.
+
+    The corpus depends on the Python version (other files, other contents); every run records its content hash.
+
+    Attributes:
+        max_bytes: the corpus size cap (whole files, chosen in a fixed hash order).
+        val_fraction: the share of files held out for validation (chosen by a hash of the path).
+        val_windows: validation windows of ``model.seq_len`` bytes used (0: every window of the held-out files).
+        cache_dir: where the split is cached as .npz (None: read the files every time).
+    """
+
+    max_bytes: int = 8_000_000
+    val_fraction: float = 0.1
+    val_windows: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_bytes) and self.max_bytes >= 1024, "data.max_bytes", self.max_bytes,
+                 "must be an integer >= 1024")
+        _require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "data.val_fraction",
+                 self.val_fraction, "must be a number in (0, 1)")
+        _require(_is_int(self.val_windows) and self.val_windows >= 0, "data.val_windows", self.val_windows,
+                 "must be an integer >= 0 (0: all)")
+
+
+# The data config of each task.
+DATA_TYPES: dict[str, type] = {"maze": DataConfig, "text": TextDataConfig}
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run needs; the defaults are the paper's Table 4.
 
     Attributes:
-        model: the TRM; its ``seq_len`` and ``vocab`` are set from the data.
-        data: the maze split.
+        task: ``"maze"`` (TRM on mazes) or ``"text"`` (looped byte LM on the stdlib's source); it decides the
+            model and data config types, the loss and the metrics (:mod:`laser.train.tasks`).
+        model: the TRM (its ``seq_len`` and ``vocab`` are set from the data), or the looped LM (``vocab`` 256).
+        data: the maze split, or the text corpus.
         method: activation-memory method, a name of :func:`laser.methods.names` (``"none"``: the baseline).
         method_options: settings of the method's config (e.g. ``{"rank": 64, "quantize": "int8"}``).
         method_defaults: per-method options this preset uses unless ``method_options`` sets them (e.g. a rank
@@ -95,8 +131,9 @@ class TrainConfig:
         warmup: optimizer steps of linear warmup before the cosine decay.
         min_lr_ratio: the cosine decays from ``lr`` to ``min_lr_ratio * lr`` at the last step.
         batch: mazes per batch; every batch is trained for ``model.n_sup`` optimizer steps (deep supervision).
-        epochs: passes over the training mazes (the last partial batch of an epoch is dropped).
-        max_steps: when > 0, train exactly this many optimizer steps instead of ``epochs`` passes.
+        epochs: passes over the training mazes (the last partial batch of an epoch is dropped); maze only.
+        max_steps: when > 0, train exactly this many optimizer steps instead of ``epochs`` passes (the text
+            task needs it: its batches are random windows).
         grad_clip: maximum global gradient norm.
         precision: ``"fp32"``, or ``"bf16"`` autocast where the device supports it (fp32 elsewhere).
         seed: seed of the model init and of the data order.
@@ -116,8 +153,9 @@ class TrainConfig:
         progress: show a progress bar when stderr is a terminal.
     """
 
-    model: trm.TRMConfig = field(default_factory=trm.TRMConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: trm.TRMConfig | looped_lm.LoopedLMConfig = field(default_factory=trm.TRMConfig)
+    data: DataConfig | TextDataConfig = field(default_factory=DataConfig)
+    task: str = "maze"
     method: str = "none"
     method_options: dict = field(default_factory=dict)
     method_defaults: dict = field(default_factory=dict)
@@ -145,10 +183,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model, trm.TRMConfig), "model", self.model, "must be a TRMConfig")
-        _require(isinstance(self.data, DataConfig), "data", self.data, "must be a DataConfig")
-        # The model reads mazes of the data's size, in the maze vocabulary.
-        self.model = dataclasses.replace(self.model, seq_len=self.data.size**2, vocab=maze.VOCAB_SIZE)
+        _require(self.task in tasks.TASKS, "task", self.task, f"use one of {', '.join(tasks.TASKS)}")
+        task = tasks.TASKS[self.task]
+        presets = ", ".join(presets_of(self.task))
+        _require(isinstance(self.model, task.model_type), "model", type(self.model).__name__,
+                 f"task={self.task} trains a {task.model_type.__name__} (presets: {presets})")
+        data_type = DATA_TYPES[self.task]
+        _require(isinstance(self.data, data_type), "data", type(self.data).__name__,
+                 f"task={self.task} reads a {data_type.__name__} (presets: {presets})")
+        self.model = task.derive_model(self.model, self.data)
         _require(isinstance(self.method_options, dict), "method_options", self.method_options, "must be a dict")
         _require(isinstance(self.method_defaults, dict) and all(isinstance(v, dict) for v in
                  self.method_defaults.values()), "method_defaults", self.method_defaults,
@@ -170,11 +213,15 @@ class TrainConfig:
         for key in ("batch", "epochs", "log_every", "grad_probe_batch"):
             value = getattr(self, key)
             _require(_is_int(value) and value >= 1, key, value, "must be an integer >= 1")
-        n_train = self.data.count - self.data.val_count
-        _require(self.batch <= n_train, "batch", self.batch,
-                 f"must be <= the training mazes (data.count - data.val_count = {n_train})")
-        _require(2 * self.grad_probe_batch <= self.data.val_count or not self.grad_probe_at, "grad_probe_batch",
-                 self.grad_probe_batch, f"two probe batches must fit in data.val_count ({self.data.val_count})")
+        if self.task == "maze":
+            n_train = self.data.count - self.data.val_count
+            _require(self.batch <= n_train, "batch", self.batch,
+                     f"must be <= the training mazes (data.count - data.val_count = {n_train})")
+            _require(2 * self.grad_probe_batch <= self.data.val_count or not self.grad_probe_at, "grad_probe_batch",
+                     self.grad_probe_batch, f"two probe batches must fit in data.val_count ({self.data.val_count})")
+        else:
+            _require(self.max_steps > 0, "max_steps", self.max_steps,
+                     f"must be > 0 for task={self.task}: its batches are random windows, not epochs")
         _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
         _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
@@ -187,7 +234,7 @@ class TrainConfig:
 
     @property
     def n_train(self) -> int:
-        """Training mazes."""
+        """Training mazes (maze task)."""
         return self.data.count - self.data.val_count
 
     @property
@@ -197,7 +244,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (every batch takes ``model.n_sup`` of them)."""
+        """Optimizer steps of the whole run (every maze batch takes ``model.n_sup`` of them)."""
         if self.max_steps:
             return self.max_steps
         return self.epochs * self.batches_per_epoch * self.model.n_sup
@@ -288,19 +335,82 @@ def _tiny() -> TrainConfig:
     )
 
 
+def _text_paper() -> TrainConfig:
+    """The looped byte LM at the paper's TRM width for a GPU: D=512, 8 heads, SwiGLU 1536, one block x 24 loops,
+    512-byte context, batch 64, AdamW 3e-4 with warmup and cosine, bf16, 8 MB corpus, 5000 steps."""
+    return TrainConfig(task="text", model=looped_lm.preset("text-paper"), data=TextDataConfig(max_bytes=8_000_000),
+                       lr=3e-4, weight_decay=0.1, warmup=200, min_lr_ratio=0.1, batch=64, max_steps=5000,
+                       precision="bf16", eval_every=500, eval_count=256, checkpoint_every=500, log_every=10)
+
+
+def _text_quick() -> TrainConfig:
+    """A looped byte LM that trains on one CPU core in about two minutes: D=128, 4 heads, one block x 4 loops,
+    128-byte context, 300 steps of 16 windows (614k bytes, 0.17 passes over the 3.6 MB training stream),
+    AdamW 2e-3 after 30 warmup steps, cosine to 0.1x; validation on 1024 windows (131 kB) of held-out files.
+    LASER's rank is a quarter of D, as the paper's k=128 is of D=512."""
+    return TrainConfig(
+        task="text",
+        model=looped_lm.preset("text-quick"),
+        data=TextDataConfig(max_bytes=4_000_000, val_windows=1024),
+        method_defaults={name: {"rank": 32} for name in ("laser", "static", "sketch", "oracle")},
+        lr=2e-3,
+        weight_decay=0.1,
+        warmup=30,
+        min_lr_ratio=0.1,
+        batch=16,
+        max_steps=300,
+        eval_every=100,
+        eval_count=256,
+        log_every=10,
+        grad_probe_batch=16,
+    )
+
+
+def _text_tiny() -> TrainConfig:
+    """For tests: a few steps on a 64 kB corpus take well under a second."""
+    return TrainConfig(
+        task="text",
+        model=looped_lm.preset("text-tiny"),
+        data=TextDataConfig(max_bytes=65_536, val_windows=16),
+        lr=1e-3,
+        warmup=2,
+        batch=4,
+        max_steps=6,
+        eval_every=3,
+        log_every=2,
+        grad_probe_at=(0.5, 1.0),
+        grad_probe_batch=4,
+        progress=False,
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "paper": _paper,
     "paper-cpu": _paper_cpu,
     "quick": _quick,
     "tiny": _tiny,
+    "text-paper": _text_paper,
+    "text-quick": _text_quick,
+    "text-tiny": _text_tiny,
 }
 
 
+def _preset_task(name: str) -> str:
+    """The task of a preset, by its name (text presets start with ``text-``)."""
+    return "text" if name.startswith("text-") else "maze"
+
+
 def train_preset(name: str) -> TrainConfig:
-    """A fresh :class:`TrainConfig` of the named preset: ``"paper"``, ``"paper-cpu"``, ``"quick"`` or ``"tiny"``."""
+    """A fresh :class:`TrainConfig` of the named preset: ``"paper"``, ``"paper-cpu"``, ``"quick"``, ``"tiny"``
+    (mazes) or ``"text-paper"``, ``"text-quick"``, ``"text-tiny"`` (the looped byte LM)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def presets_of(task: str) -> list[str]:
+    """The presets of a task."""
+    return [name for name in PRESETS if _preset_task(name) == task]
 
 
 # -------------------------------------------------------------------------------------------- overrides
@@ -352,9 +462,9 @@ def _settable(config_type: type, prefix: str) -> dict[str, object]:
 def valid_keys(cfg: TrainConfig) -> list[str]:
     """Every key :func:`apply_overrides` accepts for ``cfg`` (``method.<option>`` for its method's options)."""
     top = {k: v for k, v in _settable(TrainConfig, "").items() if k not in NESTED_KEYS}
-    model = {k: v for k, v in _settable(trm.TRMConfig, "model.").items()
-             if k.split(".")[1] not in DERIVED_MODEL_KEYS}
-    data = _settable(DataConfig, "data.")
+    derived = tasks.TASKS[cfg.task].derived_model_keys
+    model = {k: v for k, v in _settable(type(cfg.model), "model.").items() if k.split(".")[1] not in derived}
+    data = _settable(type(cfg.data), "data.")
     options = [f"method.{name}" for name in method_option_names(cfg.method)]
     return [*top, *model, *data, *options]
 
@@ -376,8 +486,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     data: dict[str, object] = {}
     method, options = cfg.method, dict(cfg.method_options)
     top_types = _settable(TrainConfig, "")
-    model_types = _settable(trm.TRMConfig, "")
-    data_types = _settable(DataConfig, "")
+    model_types = _settable(type(cfg.model), "")
+    data_types = _settable(type(cfg.data), "")
+    derived = tasks.TASKS[cfg.task].derived_model_keys
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -391,7 +502,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if rest not in method_option_names(method):
                 raise _unknown_key(key, cfg, method)
             options[rest] = parse_literal(text)
-        elif head == "model" and rest in model_types and rest not in DERIVED_MODEL_KEYS:
+        elif head == "model" and rest in model_types and rest not in derived:
             model[rest] = _parse_as(text, model_types[rest], key)
         elif head == "data" and rest in data_types:
             data[rest] = _parse_as(text, data_types[rest], key)
@@ -471,8 +582,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 def config_from_dict(data: dict) -> TrainConfig:
     """Inverse of :func:`config_to_dict`; unknown keys fail listing the valid ones."""
     data = dict(data)
-    model = _build(trm.TRMConfig, data.pop("model", {}), "model")
-    dataset = _build(DataConfig, data.pop("data", {}), "data")
+    task = tasks.get(data.get("task", "maze"))
+    model = _build(task.model_type, data.pop("model", {}), "model")
+    dataset = _build(DATA_TYPES[task.name], data.pop("data", {}), "data")
     return _build(TrainConfig, data, "", model=model, data=dataset)
 
 

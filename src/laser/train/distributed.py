@@ -230,7 +230,8 @@ class Parallel:
         for unit in fsdp_units(model):
             fully_shard(unit)
         fully_shard(model)
-        register_fsdp_forward_method(model, forward)
+        if forward != "__call__":  # a plain call runs FSDP's forward hooks already
+            register_fsdp_forward_method(model, forward)
         return getattr(model, forward)
 
     def model_state(self, model: nn.Module) -> dict:

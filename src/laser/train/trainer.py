@@ -1,11 +1,13 @@
-"""The training loop: one loop for every activation-memory method, with evaluation, metrics and exact resume.
+"""The training loop: one loop for every activation-memory method and task, with evaluation, metrics and exact
+resume.
 
-Every optimizer step is one deep-supervision step of TRM: a batch is trained for ``model.n_sup`` steps, each
-continuing from the previous step's (detached) carry. The loop never asks which method it runs:
+The task (:mod:`laser.train.tasks`, ``cfg.task``) owns the model, the data, the loss and the metrics. On mazes
+every optimizer step is one deep-supervision step of TRM: a batch is trained for ``model.n_sup`` steps, each
+continuing from the previous step's (detached) carry; on text it is one batch of random byte windows. The loop
+never asks which method it runs:
 
     with method:
-        carry, logits, halt = model.forward_carry(inputs, carry)
-        loss = model.loss(logits, targets, halt)
+        carry, logits, loss = task.step(forward, model, inputs, targets, carry)
     loss.backward(); clip; opt.step(); method.step(); sched.step()
 
 A checkpoint holds everything that decides the rest of the run (weights, optimizer, scheduler, method state,
@@ -36,9 +38,9 @@ import torch
 from tqdm import tqdm
 
 import laser.methods
-from laser.data import maze
 from laser.hooks import ActivationMethod
-from laser.models.trm import TRM, TRMCarry, token_weights
+from laser.models.trm import TRMCarry
+from laser.train import tasks
 from laser.train.config import TrainConfig, config_to_dict, result_relevant
 from laser.train.distributed import Parallel
 
@@ -241,7 +243,8 @@ def _set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Trains a TRM on mazes with one activation-memory method, evaluating and checkpointing on the way.
+    """Trains the task's model (a TRM on mazes, a looped LM on text) with one activation-memory method,
+    evaluating and checkpointing on the way.
 
     >>> trainer = Trainer(train_preset("tiny"))      # doctest: +SKIP
     >>> result = trainer.train()
@@ -264,17 +267,15 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" and bf16_supported(self.device) else None
         _seed_everything(cfg.seed)
 
-        d = cfg.data
-        self.split = maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
-        self.trivial_solve_rate = maze.trivial_solve_rate(self.split.val_inputs, self.split.val_targets)
-        self.val_inputs = torch.from_numpy(self.split.val_inputs).to(self.device)
-        self.val_targets = torch.from_numpy(self.split.val_targets).to(self.device)
-        self.stream = BatchStream(self.split.train_inputs, self.split.train_targets, cfg.batch, cfg.model.n_sup,
-                                  cfg.seed)
+        self.task = tasks.get(cfg.task)
+        data = self.task.load(cfg, self.device)
+        self.data_summary = data.summary  # the trivial score (and the corpus) for the result
+        self.val_inputs, self.val_targets, self.stream = data.val_inputs, data.val_targets, data.stream
 
         torch.manual_seed(cfg.seed)  # the init is the same for every method of a seed
-        self.model = TRM(cfg.model).to(self.device)
-        self.forward_step = self.parallel.prepare(self.model)  # model.forward_carry, under DDP or FSDP
+        self.model = self.task.build_model(cfg.model).to(self.device)
+        # model.forward_carry (maze) or the model's own call (text), under DDP or FSDP
+        self.forward_step = self.parallel.prepare(self.model, self.task.forward)
         self.method: ActivationMethod = laser.methods.build(cfg.method, self.model, **cfg.method_options)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
@@ -385,13 +386,15 @@ class Trainer:
         With PATH cells weighted, each rank's own weighted mean would divide by its slice's weight: the
         average over ranks would then not be the global weighted mean that one process computes.
         """
-        if self.parallel.world == 1 or self.cfg.model.path_weight == 1.0:
+        if self.parallel.world == 1:
             return None
-        local = float(token_weights(targets, self.cfg.model.path_weight).sum())
+        local = self.task.loss_weight(targets, self.cfg.model)
+        if local is None:
+            return None
         return self.parallel.reduce({"weight": local}, mean=("weight",))["weight"]
 
     def train_step(self) -> dict:
-        """One optimizer step (one deep-supervision step of the current batch); returns its metrics."""
+        """One optimizer step (on mazes one deep-supervision step of the current batch); returns its metrics."""
         inputs, targets, epoch, sup = self.stream.next()  # the global batch
         inputs, targets = self.parallel.shard(inputs).to(self.device), self.parallel.shard(targets).to(self.device)
         if sup == 0:
@@ -399,8 +402,8 @@ class Trainer:
         start, cpu_start = time.perf_counter(), time.process_time()
         normalizer = self._loss_normalizer(targets)
         with self.method, self._autocast():
-            self.carry, logits, halt_logits = self.forward_step(inputs, self.carry)
-            loss = self.model.loss(logits, targets, halt_logits, normalizer)
+            self.carry, logits, loss = self.task.step(self.forward_step, self.model, inputs, targets, self.carry,
+                                                      normalizer)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -411,7 +414,6 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         self.step += 1
-        predictions = logits.detach().argmax(-1)
         metrics = {
             "step": self.step,
             "epoch": epoch,
@@ -419,28 +421,22 @@ class Trainer:
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "lr": self.sched.get_last_lr()[0],
-            "token_acc": token_accuracy(predictions, targets),
-            "solve_rate": solve_rate(predictions, targets),
+            **self.task.train_metrics(logits, targets, loss),
             "step_seconds": seconds,
             "step_cpu_seconds": cpu_seconds,
         }
-        return self.parallel.reduce(metrics, mean=("loss", "token_acc", "solve_rate"),
-                                    maximum=("step_seconds", "step_cpu_seconds"))
+        return self.parallel.reduce(metrics, mean=self.task.train_means, maximum=("step_seconds", "step_cpu_seconds"))
 
     @torch.no_grad()
-    def evaluate(self, count: int = 0, batch: int = 256) -> dict:
-        """Validation token accuracy and solve rate over the first ``count`` mazes (0: all), full n_sup depth."""
-        n = count or len(self.val_inputs)
+    def evaluate(self, count: int = 0) -> dict:
+        """The task's validation metrics over the first ``count`` examples (0: all): on mazes token accuracy
+        and solve rate at full n_sup depth, on text bits per byte and next-byte accuracy."""
         self.model.eval()
-        predictions = []
-        for i in range(0, n, batch):
-            with self._autocast():
-                predictions.append(self.model(self.val_inputs[i : min(n, i + batch)]).argmax(-1))
-        self.model.train()
-        predictions = torch.cat(predictions)
-        targets = self.val_targets[:n]
-        return {"step": self.step, "token_acc": token_accuracy(predictions, targets),
-                "solve_rate": solve_rate(predictions, targets), "count": n}
+        try:
+            metrics = self.task.evaluate(self.model, self.val_inputs, self.val_targets, count, self._autocast)
+        finally:
+            self.model.train()
+        return {"step": self.step, **metrics}
 
     def gradient_probe(self) -> dict:
         """Cosine between the method's parameter gradients and exact ones on two fixed validation batches.
@@ -469,17 +465,13 @@ class Trainer:
             probe.remove()
 
     def _gradients(self, batches: list, method: ActivationMethod | None) -> torch.Tensor:
-        """Flat parameter gradient of the summed loss of ``batches``, the last supervision step with grad."""
+        """Flat parameter gradient of the summed task loss of ``batches`` (on mazes the last supervision step
+        has grad)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=self.device)
-        for inputs, targets in batches:
-            carry = None
-            with torch.no_grad(), self._autocast():
-                for _ in range(self.cfg.model.n_sup - 1):
-                    carry, _, _ = self.model.forward_carry(inputs, carry)
+        for batch in batches:
             with method or contextlib.nullcontext(), self._autocast():
-                _, logits, halt_logits = self.model.forward_carry(inputs, carry)
-                loss = self.model.loss(logits, targets, halt_logits)
+                loss = self.task.loss(self.model, batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             total += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                                 for g, p in zip(grads, params, strict=True)])
@@ -538,13 +530,14 @@ class Trainer:
         total_seconds = sum(seconds)
         method_seconds = dict(self.method.seconds)
         return {
+            "task": self.cfg.task,
             "method": self.cfg.method,
             "method_options": self.cfg.method_options,
             "seed": self.cfg.seed,
             "steps": self.step,
             "total_steps": self.total_steps,
             "final": final,
-            "trivial_solve_rate": self.trivial_solve_rate,
+            **self.data_summary,
             "curves": {"train": self.history["train"], "eval": evals},
             "grad_cosine": self.history["grad_cosine"],
             "activation_bytes": report.stored_bytes,
