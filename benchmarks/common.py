@@ -250,6 +250,8 @@ VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     "laser-s8": ("laser", {"accumulate_stride": 8}, True, None),
     "laser-s8-int8": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, None),
     "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, None),
+    "laser-recon": ("laser", {"factored": False}, True, None),  # every coded tensor reconstructed in backward
+    "laser-int8+checkpoint": ("laser", {"quantize": "int8"}, True, "checkpoint"),
     "quant8": ("quant", {"bits": 8}, False, None),
     "quant4": ("quant", {"bits": 4}, False, None),
     "checkpoint": ("none", {}, False, "checkpoint"),

@@ -19,7 +19,12 @@ adding it to the floor would make the ratio say nothing: **stored** here is the 
 
 **Time.** Beyond the block's own work a compressed tensor costs a projection ``Z = X Q`` (N x D x k
 multiply-adds), an accumulation ``M += X^T Z`` (D x N x k) and a reconstruction ``X_hat = Z Q^T``
-(N x k x D) in backward: ``6 N D k`` FLOPs. Their share of the block's forward+backward FLOPs (counted
+(N x k x D) in backward: ``6 N D k`` FLOPs. The input of a linear (D -> Dout) whose weight needs a gradient
+is not reconstructed (factored weight gradients, ``LaserConfig.factored``): its weight gradient
+``(dY^T Z) Q^T`` costs ``2 (N Dout k + Dout k D)`` FLOPs instead of the baseline's ``2 N Dout D``, so its
+extra FLOPs are ``4 N D k + 2 (N Dout k + Dout k D - N Dout D)``, negative where ``k`` is well under both
+widths (such a storage also read by another backward is still reconstructed once; counting it factored
+keeps the floor a lower bound). Their share of the block's forward+backward FLOPs (counted
 analytically, see :func:`block_flops`) is the overhead floor: at the same FLOP rate the step-time ratio
 cannot be below ``1 + share``. It is printed next to the step-time ratio measured against ``none``
 (median of interleaved rounds after warm-up).
@@ -59,7 +64,7 @@ from laser.models.trm import TRMConfig
 from laser.report import Report
 
 LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8",
-                  "laser-s8", "laser-s8-int8", "laser-ref"]
+                  "laser-s8", "laser-s8-int8", "laser-ref", "laser-recon"]
 SCALE_BYTES = 4  # one fp32 scale per int8 code column
 
 
@@ -70,6 +75,7 @@ class SiteShapes:
     dim: int
     dtype: torch.dtype
     rows: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)  # per storage: Dout of the linear it feeds, or 0
 
     @property
     def element_size(self) -> int:
@@ -83,10 +89,11 @@ class SiteShapes:
 
 
 class ShapeRecorder(laser.ActivationMethod):
-    """Stores everything raw and records, per site, the rows, width and element size of each admitted storage.
+    """Stores everything raw and records, per site, the rows, width and element size of each admitted storage,
+    and the output width of the linear (with a weight that needs a gradient) each one feeds, if any.
 
     Admission is the shared plumbing's (same defaults as every method), so these are the storages LASER
-    would encode.
+    would encode. Call :meth:`resolve` after the forward, while the saved storages are alive.
     """
 
     name = "recorder"
@@ -94,11 +101,30 @@ class ShapeRecorder(laser.ActivationMethod):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model, laser.NoneConfig())
         self.shapes: dict[str, SiteShapes] = {}
+        self._storages: list[tuple[SiteShapes, int]] = []
+        self._linear_inputs: dict[int, int] = {}  # storage address -> Dout
+        self._linear_hooks = [m.register_forward_pre_hook(self._note_linear_input) for m in model.modules()
+                              if isinstance(m, torch.nn.Linear)]
+
+    def _note_linear_input(self, module: torch.nn.Linear, args: tuple) -> None:
+        if module.weight.requires_grad and args and isinstance(args[0], torch.Tensor):
+            self._linear_inputs[args[0].untyped_storage().data_ptr()] = module.out_features
 
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.dtype))
         shapes.rows.append(x.shape[0])
+        self._storages.append((shapes, x.untyped_storage().data_ptr()))
         return Reason.RAW
+
+    def resolve(self) -> None:
+        """Give each recorded storage the output width of the linear it fed (0: none), in recording order."""
+        for shapes, address in self._storages:
+            shapes.outputs.append(self._linear_inputs.get(address, 0))
+
+    def remove(self) -> None:
+        for handle in self._linear_hooks:
+            handle.remove()
+        super().remove()
 
 
 def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool,
@@ -116,11 +142,19 @@ def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int
     return min(codes, raw)
 
 
-def compression_flops(rows: Sequence[int], dim: int, rank: int, stride: int = 1) -> int:
-    """FLOPs of projection, accumulation and reconstruction for storages of ``rows[i]`` x ``dim`` at ``rank``;
-    the accumulation sees every ``stride``-th row (``LaserConfig.accumulate_stride``)."""
-    accumulated = sum(-(-r // stride) if r > stride else r for r in rows)
-    return 2 * (2 * sum(rows) + accumulated) * dim * rank
+def compression_flops(rows: Sequence[int], dim: int, rank: int, stride: int = 1,
+                      outputs: Sequence[int] | None = None) -> int:
+    """FLOPs LASER adds for storages of ``rows[i]`` x ``dim`` at ``rank``: projection, accumulation (of every
+    ``stride``-th row, ``LaserConfig.accumulate_stride``) and reconstruction; for a storage that feeds a
+    linear of ``outputs[i]`` > 0 output features, the factored weight gradient ``(dY^T Z) Q^T`` minus the
+    baseline's ``dY^T X`` instead of the reconstruction (negative where the rank is small)."""
+    outputs = outputs if outputs is not None else [0] * len(rows)
+    total = 0
+    for n, out in zip(rows, outputs, strict=True):
+        accumulated = -(-n // stride) if n > stride else n
+        total += 2 * (n + accumulated) * dim * rank
+        total += 2 * (out * rank * (n + dim) - n * out * dim) if out else 2 * n * rank * dim
+    return total
 
 
 def block_flops(cfg: TRMConfig, batch: int, seq: int) -> int:
@@ -148,18 +182,20 @@ def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
     recorder = ShapeRecorder(run.model)
     with recorder:
         loss = run.forward()
+    recorder.resolve()
     loss.backward()
     recorder.remove()
     return recorder.shapes
 
 
 def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride: int = 1,
-               matmul: str = "auto") -> list[dict]:
+               matmul: str = "auto", factored: bool = True) -> list[dict]:
     """Per site: dim, tensors, rows, rank reached, raw, stored, state and floor bytes, and extra FLOPs.
 
     ``stored`` is what the report stored for the site without the method's own state (codes, scales, bases,
-    raw storages: what the floor bounds), ``state`` that state (``SiteReport.state_bytes``). ``stride`` and
-    ``matmul`` are the run's ``LaserConfig.accumulate_stride`` and ``matmul_dtype``.
+    raw storages: what the floor bounds), ``state`` that state (``SiteReport.state_bytes``). ``stride``,
+    ``matmul`` and ``factored`` are the run's ``LaserConfig.accumulate_stride``, ``matmul_dtype`` and
+    ``factored``.
     """
     rows = []
     for site in report.sites:
@@ -170,7 +206,8 @@ def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride
             codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8, basis_bytes)
             floor += codes - shape.raw_bytes
             if codes < shape.raw_bytes:
-                flops = compression_flops(shape.rows, shape.dim, site.rank, stride)
+                outputs = shape.outputs if factored else None
+                flops = compression_flops(shape.rows, shape.dim, site.rank, stride, outputs)
         rows.append({"site": site.name, "dim": site.dim, "tensors": site.tensors,
                      "rows": sum(shape.rows) if shape is not None else 0, "rank": site.rank,
                      "raw": site.raw_bytes, "stored": site.stored_bytes - site.state_bytes,
@@ -200,7 +237,8 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
     summary, details = [], []
     for spec in specs[1:]:
         site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8",
-                               spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"))
+                               spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"),
+                               spec.options.get("factored", True))
         stored = sum(r["stored"] for r in site_rows)
         state = sum(r["state"] for r in site_rows)
         floor = sum(r["floor"] for r in site_rows)

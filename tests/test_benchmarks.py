@@ -90,6 +90,9 @@ def test_compression_flops_by_hand():
     assert floor.compression_flops([3, 5], 4, 2) == 3 * 2 * 8 * 4 * 2 == 384
     # stride 2: projection and reconstruction see 8 rows, the accumulation ceil(3/2) + ceil(5/2) = 5
     assert floor.compression_flops([3, 5], 4, 2, stride=2) == 2 * (2 * 8 + 5) * 4 * 2 == 336
+    # the 5-row storage feeds a linear 4 -> 6: no reconstruction (2*5*4*2 = 80), its weight gradient
+    # (dY^T Z) Q^T costs 2 * (5*6*2 + 6*2*4) = 216 instead of dY^T X's 2 * 5*6*4 = 240
+    assert floor.compression_flops([3, 5], 4, 2, outputs=[0, 6]) == 384 - 80 + 216 - 240 == 280
 
 
 def test_block_flops_by_hand():
@@ -319,13 +322,19 @@ def test_gpu_script_dry_run_on_cpu():
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu.sh"), "--device", "cpu", "--steps", "2", "--batch", "2", "--dims", "64",
          "--depths", "2", "--ranks", "16", "--maze", "5", "--threads", "1"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = table_rows(proc.stdout, "| " + " | ".join(step.HEADERS) + " |")
-    assert [r[0] for r in rows] == ["none", "laser r16", "laser-paper r16", "laser-int8 r16", "laser-s8 r16",
-                                    "laser-s8-int8 r16", "laser-ref r16", "checkpoint"]
+    header = "| " + " | ".join(step.HEADERS) + " |"
+    rows = table_rows(proc.stdout, header)
+    assert [r[0] for r in rows] == ["none", "laser r16", "laser-recon r16", "laser-paper r16", "laser-int8 r16",
+                                    "laser-s8 r16", "laser-s8-int8 r16", "laser-ref r16", "checkpoint",
+                                    "laser-int8+checkpoint r16"]
     assert "bf16 autocast" in proc.stdout
+    second = proc.stdout[proc.stdout.index(header) + len(header):]  # the fp32 target-shape table
+    assert [r[0] for r in table_rows(second, header)] == ["none", "laser r16", "laser-recon r16", "checkpoint",
+                                                          "laser-int8+checkpoint r16"]
+    assert "fp32" in second
 
 
 def test_grad_probe_compares_methods_with_the_exact_gradient(tmp_path):
