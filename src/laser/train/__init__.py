@@ -1,4 +1,5 @@
-"""Training and comparison of activation-memory methods on mazes: configs, the trainer, the comparison driver.
+"""Training and comparison of activation-memory methods on a task (mazes, or text: ``TrainConfig.task``):
+configs, the tasks, the trainer, the comparison driver.
 
 >>> from laser.train import Trainer, train_preset, apply_overrides
 >>> cfg = apply_overrides(train_preset("tiny"), ["method=laser", "method.rank=4"])
@@ -10,6 +11,7 @@ from laser.train.config import (
     PRESETS,
     DataConfig,
     MethodSpec,
+    TextDataConfig,
     TrainConfig,
     apply_overrides,
     config_from_dict,
@@ -37,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "DataConfig",
     "MethodSpec",
+    "TextDataConfig",
     "TrainConfig",
     "Trainer",
     "apply_overrides",
