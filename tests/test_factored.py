@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import laser
-from laser.factored import factored_weight_grad
+from laser.factored import WeightGradSink, factored_weight_grad
 from laser.methods.projection import LowRankCodes
 
 RANK = 8  # the rank of every input below: codes of this rank are lossless
@@ -120,6 +120,42 @@ def test_equals_the_twin_where_codes_are_lossless_and_reports_the_factored_sites
     assert factored == {"inp/input:64": 1, "inp/addmm:64": 1, "mid/mm:64": 1, "<outside>/addmm:16": 0}
     assert report.site("inp/input:64").stored_bytes < report.site("inp/input:64").raw_bytes
     assert "factored" in str(report)
+
+
+class _Loop(nn.Module):
+    """One weight-tied linear run four times (no bias, no nonlinearity: the steps' rows span at most four
+    times the input's rank), then a head."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.step = nn.Linear(dim, dim, bias=False)
+        self.head = nn.Linear(dim, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            x = self.step(x)
+        return self.head(x)
+
+
+def test_recursion_steps_sum_their_products_before_the_basis(monkeypatch):
+    torch.manual_seed(0)
+    model = _Loop()
+    twin, reference = copy.deepcopy(model), copy.deepcopy(model)
+    sums = []
+    backward = WeightGradSink.backward
+    monkeypatch.setattr(WeightGradSink, "backward", staticmethod(lambda ctx, g: sums.append(g) or backward(ctx, g)))
+    batches = [_low_rank(4, 25, 64, rank=3, seed=s) for s in range(3)]
+    comp = laser.Compressor(model, _config(rank=16))
+    got = _steps(model, comp, batches)
+    _assert_close(got, _steps(twin, None, batches), rtol=1e-4)
+    # After the first step (per-tensor bases), the inputs of calls 2-4 of `step` share a site and its basis
+    # (call 1's input is another site): call 2 makes the sink, calls 3 and 4 return dY^T Z to it, summed
+    # by autograd, one product with Q^T per training step.
+    assert [tuple(g.shape) for g in sums if g is not None] == [(64, 16), (64, 16)]
+    assert {s.name: s.factored for s in comp.report().sites} == {"step/input:64": 1, "step/mm:64": 4,
+                                                                 "<outside>/addmm:16": 0}
+    recon = laser.Compressor(reference, _config(rank=16, factored=False))
+    _assert_close(got, _steps(reference, recon, batches), rtol=1e-5)
 
 
 def test_bf16_autocast_equals_the_twin_and_reconstruct_then_matmul():
@@ -328,15 +364,17 @@ def test_compiled_model_falls_back_and_trains_alike():
 # ----------------------------------------------------------------------------------------------- DDP
 def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = _Net()
-    twin = copy.deepcopy(model)
-    ddp, ddp_twin = nn.parallel.DistributedDataParallel(model), nn.parallel.DistributedDataParallel(twin)
-    comp = laser.Compressor(ddp, _config())
-    batches = [_low_rank(2, 25, 64, seed=10 * s + rank) for s in range(3)]  # each rank its own shard
-    got, want = _steps(ddp, comp, batches), _steps(ddp_twin, None, batches)
-    factored = sum(s.factored for s in comp.report().sites)
-    torch.save({"got": got, "want": want, "factored": factored}, os.path.join(out, f"ddp{rank}.pt"))
+    results = {}
+    for name, build, data_rank, rank_coded in (("net", _Net, RANK - 1, RANK), ("loop", _Loop, 3, 16)):
+        torch.manual_seed(0)
+        model = build()
+        twin = copy.deepcopy(model)
+        ddp, ddp_twin = nn.parallel.DistributedDataParallel(model), nn.parallel.DistributedDataParallel(twin)
+        comp = laser.Compressor(ddp, _config(rank=rank_coded))
+        batches = [_low_rank(2, 25, 64, rank=data_rank, seed=10 * s + rank) for s in range(3)]  # own shards
+        got, want = _steps(ddp, comp, batches), _steps(ddp_twin, None, batches)
+        results[name] = {"got": got, "want": want, "factored": sum(s.factored for s in comp.report().sites)}
+    torch.save(results, os.path.join(out, f"ddp{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -345,7 +383,8 @@ def test_ddp_gradients_equal_the_twins(tmp_path):
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     results = [torch.load(tmp_path / f"ddp{r}.pt") for r in range(2)]
-    for result in results:
-        assert result["factored"] == 3
-        _assert_close(result["got"], result["want"], rtol=1e-4)
-    _assert_close(results[0]["got"], results[1]["got"], rtol=1e-6)  # averaged across ranks
+    for name, factored in (("net", 3), ("loop", 5)):  # the loop's steps sum through a WeightGradSink
+        for result in results:
+            assert result[name]["factored"] == factored
+            _assert_close(result[name]["got"], result[name]["want"], rtol=1e-4)
+        _assert_close(results[0][name]["got"], results[1][name]["got"], rtol=1e-6)  # averaged across ranks

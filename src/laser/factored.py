@@ -5,7 +5,9 @@ With ``x`` stored as codes ``Z = x Q`` against an orthonormal basis ``Q`` (``x ~
 ``grad_W = (dY^T Z) Q^T``: ``N Dout k + Dout k Din`` multiply-adds instead of the reconstruction's ``N k Din``
 plus the baseline's own ``N Dout Din`` (DESIGN hard part 13). At full rank it is the exact gradient up to
 rounding; at low rank it equals reconstruct-then-matmul up to rounding (the same product, associated
-differently).
+differently). The recursion steps of a weight-tied loop share ``Q``, so the (Dout, k) products ``dY^T Z`` of all
+steps are summed before the one product with ``Q^T`` (:class:`WeightGradSink`): per step ``N Dout k`` instead of
+``N Dout k + Dout k Din``.
 
 :class:`FactoredLinear` is the autograd function the saver mode of :mod:`laser.hooks` runs ``F.linear``
 through inside ``with method:``. It saves its input through the method's saved-tensor hooks like any op, so
@@ -44,24 +46,54 @@ def aten_op(x: torch.Tensor, bias: torch.Tensor | None) -> str:
     return "add" if x.dim() >= 3 and not x.is_contiguous() else "addmm"
 
 
+def same_basis(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two bases are views of the same columns of one tensor (records hold their own views)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 class LinearInput:
     """What one factored linear call gets back of its saved input at backward: its codes and basis, or
     nothing (the input was kept raw, and autograd hands it back as a tensor).
 
     The saved-tensor hook fills :attr:`factors` when it unpacks a coded input, right before the call's
     backward reads it; :meth:`take` empties it again, so the graph holds the codes only through the
-    hook's own record, which autograd frees after the backward as it frees any saved tensor.
+    hook's own record, which autograd frees after the backward as it frees any saved tensor. :attr:`basis`
+    is the basis the input was coded against when it was saved (None: raw, or not coded yet), so the next
+    calls of the weight can share a :class:`WeightGradSink` for it.
     """
 
-    __slots__ = ("factors",)
+    __slots__ = ("factors", "basis")
 
     def __init__(self) -> None:
         self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.basis: torch.Tensor | None = None
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``(codes (N, k), basis (Din, k))`` the hook left for this backward, once."""
         factors, self.factors = self.factors, None
         return factors
+
+
+class WeightGradSink(torch.autograd.Function):
+    """A (Dout, k) stand-in for a weight through which the factored linears whose inputs share one basis
+    ``Q`` return ``dY^T Z``: autograd sums what all of them (the recursion steps) return in this node's input,
+    and its one backward turns the sum into the weight's gradient, ``(sum dY^T Z) Q^T``.
+
+    The weight's gradient still arrives through autograd, as one more contribution to its accumulation
+    (hooks, DDP's and FSDP's reducers see an ordinary gradient). The stand-in's values are never read.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        ctx.basis = basis  # held by the node, not saved: a basis is not an activation
+        ctx.set_materialize_grads(False)
+        return weight.new_empty(weight.shape[0], basis.shape[1])  # (Dout, k)
+
+    @staticmethod
+    def backward(ctx, summed: torch.Tensor | None):
+        if summed is None:  # no step's input was coded against this basis
+            return None, None
+        return summed @ ctx.basis.T.to(summed.dtype), None  # (Dout, Din)
 
 
 class FactoredLinear(torch.autograd.Function):
@@ -78,9 +110,11 @@ class FactoredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                link: LinearInput) -> torch.Tensor:
-        ctx.link, ctx.op, ctx.shape = link, aten_op(x, bias), x.shape
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, link: LinearInput,
+                bases: tuple[torch.Tensor, ...], *sinks: torch.Tensor) -> torch.Tensor:
+        """``sinks``: the weight's :class:`WeightGradSink` stand-ins made so far in this forward, one per
+        basis in ``bases``; the backward returns ``dY^T Z`` to the one whose basis coded the input."""
+        ctx.link, ctx.op, ctx.shape, ctx.bases = link, aten_op(x, bias), x.shape, bases
         ctx.save_for_backward(x, weight if ctx.needs_input_grad[0] else None)
         return F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (N, Dout)
 
@@ -89,6 +123,7 @@ class FactoredLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         factors = ctx.link.take()
         grad_x = grad_w = grad_b = None
+        grad_sinks = [None] * len(ctx.bases)
         if ctx.needs_input_grad[0]:
             grad_x = (rows @ weight.to(rows.dtype)).view(ctx.shape)
         if ctx.needs_input_grad[1]:
@@ -96,7 +131,11 @@ class FactoredLinear(torch.autograd.Function):
                 grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1]).to(rows.dtype))
             else:
                 codes, basis = factors
-                grad_w = factored_weight_grad(rows.to(basis.dtype), codes, basis)
+                sink = next((i for i, b in enumerate(ctx.bases) if same_basis(basis, b)), None)
+                if sink is None:
+                    grad_w = factored_weight_grad(rows.to(basis.dtype), codes, basis)
+                else:  # (Dout, k), summed over the recursion steps by autograd
+                    grad_sinks[sink] = rows.to(basis.dtype).T @ codes
         if ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, *grad_sinks

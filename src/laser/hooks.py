@@ -47,7 +47,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from laser.config import OUTSIDE, SiteFilter
-from laser.factored import FactoredLinear, LinearInput
+from laser.factored import FactoredLinear, LinearInput, WeightGradSink, same_basis
 
 try:
     from torch.distributed.tensor import DTensor
@@ -132,6 +132,9 @@ class _SaverMode(TorchFunctionMode):
         self.scores: tuple[int, ...] = ()  # storages of the query and key of the attention running now
         self.factored = factored  # the method whose hooks code linear inputs for factored gradients, or None
         self.link: LinearInput | None = None  # the factored linear saving its input now
+        # per weight (by id) in this forward: the weight, and the bases its inputs were coded against with
+        # their WeightGradSink stand-ins
+        self.sinks: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _KINDS.get(func)
@@ -158,7 +161,10 @@ class _SaverMode(TorchFunctionMode):
         and the method's hooks are the innermost: inside a ``torch.utils.checkpoint`` region (forward and
         recomputation alike) the checkpoint's hooks take the saves, and the op runs as it is, so both runs
         save the same tensors. Under autocast the input is cast here, as autocast would cast it, and the
-        weight and bias inside, from autocast's cache.
+        weight and bias inside, from autocast's cache. Once a call of a weight saved its input coded, later
+        calls of that weight in the same forward share one :class:`~laser.factored.WeightGradSink` for that
+        basis (the recursion steps of a loop sum ``dY^T Z`` before one product with ``Q^T``); a weight whose
+        inputs come from several sites has one per site.
         """
         x = args[0] if args else kwargs.get("input")
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -174,11 +180,16 @@ class _SaverMode(TorchFunctionMode):
             dtype = torch.get_autocast_dtype(device)
             if x.dtype not in (dtype, torch.float64):
                 x = x.to(dtype)
-        self.kind, self.link = LINEAR, LinearInput()
+        link = self.link = LinearInput()
+        _, bases, sinks = self.sinks.setdefault(id(weight), (weight, [], []))
+        self.kind = LINEAR
         try:
-            rows = FactoredLinear.apply(x, weight, bias, self.link)  # (N, Dout)
+            rows = FactoredLinear.apply(x, weight, bias, link, tuple(bases), *sinks)  # (N, Dout)
         finally:
             self.kind, self.link = None, None
+        if link.basis is not None and not any(same_basis(link.basis, b) for b in bases):
+            bases.append(link.basis)
+            sinks.append(WeightGradSink.apply(weight, link.basis))
         return rows if x.dim() == 2 else rows.view(*x.shape[:-1], weight.shape[0])
 
     def saving_scores(self, storage: torch.UntypedStorage) -> bool:
@@ -334,8 +345,10 @@ class Packed:
         self._held: torch.Tensor | None = None
         self._unpacks_left = 0
 
-    # Whether :meth:`factors` can hand a linear's backward codes and basis instead of a reconstruction.
+    # Whether :meth:`factors` can hand a linear's backward codes and basis instead of a reconstruction,
+    # and that basis (the same tensor for every record of a site's step).
     factored = False
+    basis: torch.Tensor | None = None
 
     def decode(self) -> torch.Tensor:
         """The storage's content as a flat tensor in its original dtype."""
@@ -460,6 +473,7 @@ class _Saved:
         """Count this view, now backed by the entry's record: a view to decode, or a factored one."""
         if self.factored():
             self.entry.account.factored += 1
+            self.link.basis = self.entry.record.basis
         else:
             self.entry.record.views += 1
 
