@@ -21,10 +21,12 @@ adding it to the floor would make the ratio say nothing: **stored** here is the 
 multiply-adds), an accumulation ``M += X^T Z`` (D x N x k) and a reconstruction ``X_hat = Z Q^T``
 (N x k x D) in backward: ``6 N D k`` FLOPs. The input of a linear (D -> Dout) whose weight needs a gradient
 is not reconstructed (factored weight gradients, ``LaserConfig.factored``): its weight gradient
-``(dY^T Z) Q^T`` costs ``2 (N Dout k + Dout k D)`` FLOPs instead of the baseline's ``2 N Dout D``, so its
-extra FLOPs are ``4 N D k + 2 (N Dout k + Dout k D - N Dout D)``, negative where ``k`` is well under both
-widths (such a storage also read by another backward is still reconstructed once; counting it factored
-keeps the floor a lower bound). Their share of the block's forward+backward FLOPs (counted
+``(dY^T Z) Q^T`` costs ``2 N Dout k`` FLOPs instead of the baseline's ``2 N Dout D``, plus ``2 Dout k D`` for
+the product with ``Q^T``, which the recursion steps sharing a basis make together: twice per site, linear and
+step (the first call's own, and one for all later calls: ``laser.factored.WeightGradSink``), once where the
+site feeds that linear once. Its extra FLOPs are ``4 N D k + 2 N Dout (k - D)``, negative where ``k`` is
+well under both widths (such a storage also read by another backward is still reconstructed once; counting
+it factored keeps the floor a lower bound). Their share of the block's forward+backward FLOPs (counted
 analytically, see :func:`block_flops`) is the overhead floor: at the same FLOP rate the step-time ratio
 cannot be below ``1 + share``. It is printed next to the step-time ratio measured against ``none``
 (median of interleaved rounds after warm-up).
@@ -146,14 +148,17 @@ def compression_flops(rows: Sequence[int], dim: int, rank: int, stride: int = 1,
                       outputs: Sequence[int] | None = None) -> int:
     """FLOPs LASER adds for storages of ``rows[i]`` x ``dim`` at ``rank``: projection, accumulation (of every
     ``stride``-th row, ``LaserConfig.accumulate_stride``) and reconstruction; for a storage that feeds a
-    linear of ``outputs[i]`` > 0 output features, the factored weight gradient ``(dY^T Z) Q^T`` minus the
-    baseline's ``dY^T X`` instead of the reconstruction (negative where the rank is small)."""
+    linear of ``outputs[i]`` > 0 output features, the factored weight gradient ``dY^T Z`` minus the
+    baseline's ``dY^T X`` instead of the reconstruction (negative where the rank is small), and per linear
+    the products with ``Q^T``: one per storage up to two (the first call's, then the sink's for the rest)."""
     outputs = outputs if outputs is not None else [0] * len(rows)
     total = 0
     for n, out in zip(rows, outputs, strict=True):
         accumulated = -(-n // stride) if n > stride else n
         total += 2 * (n + accumulated) * dim * rank
-        total += 2 * (out * rank * (n + dim) - n * out * dim) if out else 2 * n * rank * dim
+        total += 2 * n * out * (rank - dim) if out else 2 * n * rank * dim
+    for out in set(outputs) - {0}:
+        total += 2 * out * rank * dim * min(2, outputs.count(out))
     return total
 
 

@@ -93,6 +93,8 @@ def test_compression_flops_by_hand():
     # the 5-row storage feeds a linear 4 -> 6: no reconstruction (2*5*4*2 = 80), its weight gradient
     # (dY^T Z) Q^T costs 2 * (5*6*2 + 6*2*4) = 216 instead of dY^T X's 2 * 5*6*4 = 240
     assert floor.compression_flops([3, 5], 4, 2, outputs=[0, 6]) == 384 - 80 + 216 - 240 == 280
+    # three storages feeding that linear: dY^T Z each (2*5*6*2 = 120), two products with Q^T (2 * 96)
+    assert floor.compression_flops([5, 5, 5], 4, 2, outputs=[6, 6, 6]) == 3 * (160 + 120 - 240) + 2 * 96 == 312
 
 
 def test_block_flops_by_hand():
