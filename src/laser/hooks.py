@@ -169,11 +169,12 @@ class _SaverMode(TorchFunctionMode):
         x = args[0] if args else kwargs.get("input")
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if (self.factored is None or not torch.is_grad_enabled() or type(x) not in _PLAIN
                 or type(weight) not in _PLAIN or not weight.requires_grad or weight.dim() != 2 or x.dim() == 0
-                or (bias is not None and type(bias) not in _PLAIN)
-                or hooks is None or hooks[0] is not self.factored.pack_hook):
+                or (bias is not None and type(bias) not in _PLAIN) or self._too_small(x)):
+            return func(*args, **kwargs)
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None or hooks[0] is not self.factored.pack_hook:
             return func(*args, **kwargs)
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.is_floating_point():
@@ -191,6 +192,12 @@ class _SaverMode(TorchFunctionMode):
             bases.append(link.basis)
             sinks.append(WeightGradSink.apply(weight, link.basis))
         return rows if x.dim() == 2 else rows.view(*x.shape[:-1], weight.shape[0])
+
+    def _too_small(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` can never be coded (its storage under ``min_numel``, rows under ``min_dim``): the
+        factored path's own host time (an autograd function in Python) would buy nothing."""
+        config = self.factored.config
+        return x.shape[-1] < config.min_dim or x.untyped_storage().nbytes() < config.min_numel * x.element_size()
 
     def saving_scores(self, storage: torch.UntypedStorage) -> bool:
         """Whether ``storage`` is the query or key of the attention saving now (see ``SiteFilter.exact_qk``)."""
