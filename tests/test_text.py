@@ -348,20 +348,22 @@ def test_lower_bits_per_byte_is_better_everywhere():
     assert BITS_PER_BYTE.higher_is_better is False and TASKS["text"].metric is BITS_PER_BYTE
 
 
-def test_compare_and_analyze_on_text(tmp_path, capsys):
-    from laser.analysis.analyze import analyze
+def test_compare_on_text_tests_bits_per_byte(tmp_path, capsys):
     from laser.cli import main
 
     out = tmp_path / "cmp"
     methods = ["none", "laser:rank=4,min_numel=16"]
     code = main(["compare", "--task", "text", "--preset", "text-tiny", "--methods", ",".join(methods), "--seeds",
-                 "2", "--jobs", "1", "--threads", "1", "--set", "grad_probe_at=1.0", "--out", str(out)])
+                 "2", "--jobs", "2", "--threads", "1", "--set", "grad_probe_at=1.0", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     for label, entry in results.items():
         assert entry["metric"] == "bits_per_byte" and len(entry["bits_per_byte"]["per_seed"]) == 2, label
         assert 0 < entry["trivial_bits_per_byte"] < 8 and entry["corpus"]["content_hash"]
-    assert results["none"]["p_value"] is None and "p_value" in results[methods[1]]
+    lossy = results[methods[1]]
+    assert results["none"]["p_value"] is None and lossy["test"].startswith("Welch t-test")
+    per_seed = lossy["bits_per_byte"]["per_seed"], results["none"]["bits_per_byte"]["per_seed"]
+    assert lossy["p_value"] == compare_mod.welch_p_value(*per_seed)  # the test is on bits per byte
     report = (out / "report.md").read_text()
     assert "Unigram bits per byte" in report and "val bits per byte" in report
     winners = report.split("## Who wins on which axis")[1].split("\n## ")[0].splitlines()
@@ -370,13 +372,18 @@ def test_compare_and_analyze_on_text(tmp_path, capsys):
         main(["compare", "--task", "text", "--preset", "tiny", "--out", str(tmp_path / "x")])
     assert "not a preset of --task text" in capsys.readouterr().err
 
-    run = out / "runs" / "laser_rank_4_min_numel_16" / "seed100"
-    path = analyze(run, out_dir=tmp_path / "analysis", max_batches=2, quick=True)
+
+def test_analyze_on_text(tmp_path):
+    from laser.analysis.analyze import analyze
+
+    cfg = apply_overrides(train_preset("text-tiny"), [*TINY, "method=laser", "method.rank=4", "method.min_numel=16"])
+    Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "run"))).train()
+    path = analyze(tmp_path / "run", out_dir=tmp_path / "analysis", max_batches=2, quick=True)
     body = path.read_text()
     assert "looped LM hidden 32" in body and "unigram frequencies" in body and "## Per-site compression" in body
     analysis = json.loads((path.parent / "analysis.json").read_text())
     assert analysis["spectra"]["main_sites"]["mlp"].startswith("blocks.0.mlp.")
     per_step = next(iter(analysis["spectra"]["rank_per_step"].values()))
-    assert sorted(int(s) for s in per_step) == list(range(train_preset("text-tiny").model.loops))  # one per loop
+    assert sorted(int(s) for s in per_step) == list(range(cfg.model.loops))  # one effective rank per loop
     points = analysis["depth"]["points"]
     assert [p["depth"] for p in points] == [2, 4, 8] and points[-1]["baseline_bytes"] > points[0]["baseline_bytes"]
