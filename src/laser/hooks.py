@@ -130,6 +130,7 @@ class _SaverMode(TorchFunctionMode):
         super().__init__()
         self.kind: str | None = None
         self.scores: tuple[int, ...] = ()  # storages of the query and key of the attention running now
+        self.inputs: tuple[torch.Tensor, ...] = ()  # its query, key and value
         self.factored = factored  # the method whose hooks code linear inputs for factored gradients, or None
         self.link: LinearInput | None = None  # the factored linear saving its input now
         # per weight (by id) in this forward: the weight, and the bases its inputs were coded against with
@@ -147,11 +148,29 @@ class _SaverMode(TorchFunctionMode):
             kwargs = kwargs or {}
             query = args[0] if len(args) > 0 else kwargs.get("query")
             key = args[1] if len(args) > 1 else kwargs.get("key")
+            value = args[2] if len(args) > 2 else kwargs.get("value")
             self.scores = tuple(t.untyped_storage().data_ptr() for t in (query, key) if isinstance(t, torch.Tensor))
+            self.inputs = tuple(t for t in (query, key, value) if isinstance(t, torch.Tensor))
         try:
             return func(*args, **(kwargs or {}))
         finally:
-            self.kind, self.scores = None, ()
+            self.kind, self.scores, self.inputs = None, (), ()
+
+    def columns_read(self, tensor: torch.Tensor, width: int) -> tuple[int, int, int] | None:
+        """The block of columns the running attention reads of ``tensor``'s storage as rows of ``width``: the
+        union over its query, key and value views of that storage (see :func:`view_columns`); None: whole rows.
+
+        A fused ``qkv`` output whose q and k went through RoPE (new storages) is saved only as the value
+        slice: coding whole rows spends the rank on q and k, which nothing reads, and measures a fidelity that
+        says nothing of v (trained quick-preset TRM, ``laser:max_error=0.1``: whole-model gradient cosine 0.86
+        whole rows, 0.99 value columns; ``python benchmarks/grad_probe.py RUN laser:max_error=0.1``).
+        """
+        storage = tensor.untyped_storage().data_ptr()
+        blocks = [view_columns(t, width) for t in self.inputs if t.untyped_storage().data_ptr() == storage]
+        if not blocks or None in blocks:
+            return None
+        first, end = min(b[0] for b in blocks), max(b[1] for b in blocks)
+        return None if (first, end) == (0, width) else (first, end, width)
 
     def _linear(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
         """``F.linear`` as :class:`~laser.factored.FactoredLinear` where its saved input may be coded; else as is.
@@ -384,6 +403,47 @@ class Packed:
         return flat
 
 
+class ColumnBlock(Packed):
+    """A storage of which saved views read only a block of columns of each row (the value slice of a fused
+    ``qkv`` output, which attention saves alone): ``inner`` holds those columns coded; the rest decode to
+    zeros that no view reads. Never factored (a linear's input is whole rows)."""
+
+    def __init__(self, inner: Packed, rows: int, columns: tuple[int, int, int]) -> None:
+        super().__init__(inner.nbytes, inner.shared)
+        self.inner, self.rows, self.columns = inner, rows, columns
+
+    def decode(self) -> torch.Tensor:
+        first, end, width = self.columns
+        block = self.inner.decode().view(self.rows, end - first)
+        flat = block.new_zeros(self.rows, width)
+        flat[:, first:end] = block
+        return flat.view(-1)
+
+
+def view_columns(view: torch.Tensor, width: int) -> tuple[int, int, int] | None:
+    """``(first, end, width)``: the block of columns a view reads of its storage laid out as rows of
+    ``width``, when that is a proper part of the row; None when it reads whole rows (or is not a column block).
+
+    Dimensions whose stride is a multiple of ``width`` move between rows; the others move within a row, and
+    their extent from the view's first column must stay inside it.
+    """
+    first = view.storage_offset() % width
+    end = first + 1
+    for size, stride in zip(view.shape, view.stride(), strict=True):
+        if size > 1 and stride % width:
+            if stride > width:
+                return None
+            end += (size - 1) * stride
+    if end > width or (first == 0 and end == width):
+        return None
+    return first, end, width
+
+
+def _within(columns: tuple[int, int, int] | None, block: tuple[int, int, int]) -> bool:
+    """Whether a view reading ``columns`` (None: whole rows) reads only columns of ``block``."""
+    return columns is not None and block[0] <= columns[0] and columns[1] <= block[1]
+
+
 _EMPTY: dict[torch.device, torch.UntypedStorage] = {}
 
 
@@ -430,10 +490,12 @@ class _Entry:
     """One storage saved in the current forward: raw, coded, or pending (held raw until its site's step has
     enough bytes to pay for the site's basis, then coded; see :data:`Reason.PENDING`)."""
 
-    __slots__ = ("ref", "version", "account", "record", "probe", "rows", "saved")
+    __slots__ = ("ref", "version", "account", "record", "probe", "rows", "saved", "columns")
 
-    def __init__(self, tensor: torch.Tensor, account: SiteAccount) -> None:
+    def __init__(self, tensor: torch.Tensor, account: SiteAccount,
+                 columns: tuple[int, int, int] | None = None) -> None:
         self.ref, self.version, self.account = StorageWeakRef(tensor.untyped_storage()), tensor._version, account
+        self.columns = columns  # (first, end, row width): only these columns of each row are coded
         self.record: Packed | None = None
         self.probe: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None  # (N, D) over the storage while pending
@@ -441,6 +503,8 @@ class _Entry:
 
     def code(self, record: Packed) -> None:
         """Store the storage as ``record`` from now on; views saved while it was pending let go of it."""
+        if self.columns is not None:
+            record = ColumnBlock(record, self.rows.shape[0], self.columns)
         self.record, self.probe = record, version_probe(self.rows)
         for saved in self.saved:
             saved.tensor = None
@@ -642,8 +706,11 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 start = time.perf_counter()
                 entry = self._live[key] = self._new_entry(tensor)
                 self.seconds["encode"] += time.perf_counter() - start
-            elif self._exact_saver(tensor) and (entry.record is not None or entry.rows is not None):
-                return self._exact_view(entry, tensor)
+            elif entry.record is not None or entry.rows is not None:
+                if self._exact_saver(tensor):
+                    return self._exact_view(entry, tensor, self._exact_reason(tensor, self._saver_kind()))
+                if entry.columns is not None and not _within(view_columns(tensor, entry.columns[2]), entry.columns):
+                    return self._exact_view(entry, tensor, Reason.LAYOUT)
             return _Saved(entry, tensor, self._linear_input(tensor, entry.account.dim))
 
     def _linear_input(self, tensor: torch.Tensor, width: int) -> LinearInput | None:
@@ -694,14 +761,14 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
     def _exact_saver(self, tensor: torch.Tensor) -> bool:
         return self._exact_reason(tensor, self._saver_kind()) is not None
 
-    def _exact_view(self, entry: _Entry, tensor: torch.Tensor) -> _Raw:
-        """A coded or pending storage saved again, now by an op that needs it exact: this view is kept exact.
+    def _exact_view(self, entry: _Entry, tensor: torch.Tensor, reason: str) -> _Raw:
+        """A coded or pending storage saved again, now by an op that needs it exact or reading columns its
+        codes do not hold (``reason``): this view is kept exact.
 
         A pending storage stays raw for good. A coded one keeps its codes for the views handed out before
         (their backward reads values); this view holds the tensor, which stays alive, so the storage's bytes
         are counted again.
         """
-        reason = self._exact_reason(tensor, self._saver_kind())
         account = entry.account
         if entry.rows is not None:
             account.pending.remove(entry)
@@ -737,26 +804,32 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         width = row_width(base, self.config.fold_to) if not spatial or base.dim() < 3 else 0
         if width == 0 and (spatial or base.dim() >= 4):  # channels_last: over channels; image rows never
             width = channel_width(base)
-        site = self._namer.name(op, width, tensor.untyped_storage())
+        # Attention may save only a slice of a fused projection (the value, see _SaverMode.columns_read); other
+        # ops' views of one storage (a gate/up output's halves) are read together and coded as whole rows.
+        columns = self._thread.mode.columns_read(tensor, width) if kind == ATTENTION and width > 0 else None
+        coded = columns[1] - columns[0] if columns is not None else width
+        site = self._namer.name(op, coded, tensor.untyped_storage())
         account = self._accounts.get(site)
         if account is None:
-            account = self._accounts[site] = SiteAccount(width)
+            account = self._accounts[site] = SiteAccount(coded)
         storage_bytes = tensor.untyped_storage().nbytes()
         account.raw_bytes += storage_bytes
         account.tensors += 1
         account.stored_bytes += storage_bytes
-        reason = self._refusal(tensor, base, site, width, kind, storage_bytes)
+        reason = self._refusal(tensor, base, site, width, coded, kind, storage_bytes)
         record = result = rows = None
         if reason is None:
             numel = storage_bytes // tensor.element_size()
-            rows = tensor.detach().as_strided((numel // width, width), (width, 1), 0)  # (N, D) over the storage
+            rows = tensor.detach().as_strided((numel // width, width), (width, 1), 0)  # (N, W) over the storage
+            if columns is not None:
+                rows = rows[:, columns[0]:columns[1]]  # (N, D): the columns the saved view reads
             with torch.no_grad(), autocast_off(rows.device):
                 result = self.encode(rows, site)
             if isinstance(result, Packed):
                 record = result
             elif result is not Reason.PENDING:
                 reason = result
-        entry = _Entry(tensor, account)
+        entry = _Entry(tensor, account, columns if record is not None or result is Reason.PENDING else None)
         if result is Reason.PENDING:
             entry.rows = rows
             account.pending.append(entry)
@@ -800,9 +873,10 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 account.reasons[Reason.BREAK_EVEN] += len(account.pending)
                 account.pending = []
 
-    def _refusal(self, tensor: torch.Tensor, base: torch.Tensor, site: str, width: int, kind: str | None,
-                 storage_bytes: int) -> str | None:
-        """Why a new storage may not be encoded, or ``None`` when it is admitted."""
+    def _refusal(self, tensor: torch.Tensor, base: torch.Tensor, site: str, width: int, coded: int,
+                 kind: str | None, storage_bytes: int) -> str | None:
+        """Why a new storage (rows of ``width``, of which ``coded`` columns are read) may not be encoded, or
+        ``None`` when it is admitted."""
         if not tensor.is_floating_point():
             return Reason.NOT_FLOAT
         exact = self._exact_reason(tensor, kind)
@@ -811,7 +885,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         if width <= 0 or storage_bytes % (tensor.element_size() * width):
             return Reason.LAYOUT
         numel = storage_bytes // tensor.element_size()
-        if numel < self.config.min_numel or width < self.config.min_dim:
+        if numel < self.config.min_numel or coded < self.config.min_dim:
             return Reason.TOO_SMALL
         if not self.config.admits(site):
             return Reason.EXCLUDED
