@@ -276,28 +276,29 @@ def _quick() -> TrainConfig:
 
     The model: 3 distinct blocks (L_layers=3), one latent and one answer update (L_cycles=1: 6 block applications
     per step, all with grad), 16 heads of width 4 (at head dim 4 the 2D RoPE has one frequency per axis, 1 rad per
-    cell, so rope_theta does not matter); AdamW lr 2e-3 after 200 warmup steps, cosine to 0.1x at step 700,
-    batches of 32 (22,400 mazes, 1.1 epochs).
+    cell, so rope_theta does not matter); AdamW lr 2e-3 after 200 warmup steps, cosine to 0.1x at step 700, batches
+    of 32 (22,400 mazes, 1.1 epochs).
 
     What made it converge (``laser train --preset quick --method none``, 1 torch thread; final solve rate on the 512
-    validation mazes, trivial 14.3%; seed 100 unless named). The previous preset (1 block x 6 latent updates,
-    4 heads, 400 steps of 64 mazes) solved 38.5%: every maze with up to 2 PATH cells, almost none with more, and
-    more steps alone were slow (2000 steps of 32: 77.1%). At 800 steps of 32 unless named: that model 39.1%,
-    with 8 heads 48.8%, path_weight 5 33.0%; at 400 x 64: lr 4e-3 31.1%, width 96 23.6%, n_sup 2 / 4 33.2 / 15.4%,
-    H_cycles 3 x L_cycles 3 29.5%. Distinct blocks instead of weight-tied updates: 2 blocks x 3 updates 78.1%
-    (8 heads 96.5%); 3 x 2 99.8 / 89.5 / 99.0% on seeds 100 / 101 / 102, with 8 heads 95.7 / 99.6 / 97.7, with
-    16 heads 99.0 / 98.6 / 99.4 (but 1.6x the time of this preset a run); 3 x 1 with 16 heads 98.8 / 99.8 / 100.0
-    at 800 steps and, this preset, 98.6 / 99.6 / 100.0% at 700 (mean 99.4%, std 0.7 points). So: depth from distinct blocks
-    and many narrow heads (a look-up per neighbour), and one update of each state is enough at this size.
+    validation mazes, trivial 14.3%; seed 100 unless named). The previous preset (1 block x 6 latent updates, 4
+    heads, 400 steps of 64 mazes) solved 38.5%: every maze with up to 2 PATH cells, almost none with more, and more
+    steps alone were slow (2000 steps of 32: 77.1%). At 800 steps of 32 unless named: that model 39.1%, with 8 heads
+    48.8%, path_weight 5 33.0%; at 400 x 64: lr 4e-3 31.1%, width 96 23.6%, n_sup 2 / 4 33.2 / 15.4%, H_cycles 3 x
+    L_cycles 3 29.5%. Distinct blocks instead of weight-tied updates: 2 blocks x 3 updates 78.1% (8 heads 96.5%); 3
+    x 2 99.8 / 89.5 / 99.0% on seeds 100 / 101 / 102, with 8 heads 95.7 / 99.6 / 97.7, with 16 heads 99.0 / 98.6 /
+    99.4 (but 1.6x the time of this preset a run); 3 x 1 with 16 heads 98.8 / 99.8 / 100.0 at 800 steps and, this
+    preset, 98.6 / 99.6 / 100.0% at 700 (mean 99.4%, std 0.7 points). So: depth from distinct blocks and many narrow
+    heads (a look-up per neighbour), and one update of each state is enough at this size.
 
-    Cost, on one core of an otherwise idle 2-core machine: none 139 / 126 / 125 s a run on seeds 100 / 101 / 102; at 800 steps none 132 s,
-    laser 212 s (98.4% on seed 100), laser:quantize=int8 223 s (99.6%), and at 700 laser:quantize=int8 206 s
-    (99.2%). ``laser compare`` with its defaults (none, laser, laser:quantize=int8 x seeds 100, 101 on 2 jobs x
-    1 thread) then takes about 9.2 min by the sum of these runs over the two cores (the previous preset's
-    runs, 93 / 143 / 182 s in results/compare-quick.md, about 7.6 min).
+    Cost, on one core of an otherwise idle 2-core machine: none 139 / 126 / 125 s a run on seeds 100 / 101 / 102; at
+    800 steps none 132 s, laser 212 s (98.4% on seed 100), laser:quantize=int8 223 s (99.6%), and at 700
+    laser:quantize=int8 206 s (99.2%). At commit 2c46503, ``laser compare`` with its defaults (none, laser,
+    laser:quantize=int8 x seeds 100, 101 on 2 jobs x 1 thread) took 610 s (its "wall time" line; 957 s of CPU over
+    the two cores, other jobs beside it for its last minutes), solving 99.1 +- 0.7% (none), 97.8 +- 0.1% (laser),
+    98.1 +- 1.5% (int8).
 
-    Kept from the previous preset, what got it off the copy-the-input plateau: loss weight 2.5 on PATH cells,
-    2D RoPE over (row, column), lr 2e-3 after a warmup, every update with grad (n_sup=1).
+    Kept from the previous preset, what got it off the copy-the-input plateau: loss weight 2.5 on PATH cells, 2D
+    RoPE over (row, column), lr 2e-3 after a warmup, every update with grad (n_sup=1).
     """
     return TrainConfig(
         model=dataclasses.replace(trm.preset("quick"), hidden=64, heads=16, L_layers=3, H_cycles=1, L_cycles=1,
