@@ -11,6 +11,9 @@ takes longer than ``--compile-timeout`` seconds in a fresh process is skipped, w
 A step is forward + backward + the method's update + AdamW, on maze batches (``laser.data.maze``), from
 the same initial weights for every method. Columns:
 
+* **peak**: peak RSS of a fresh process over one step on a CPU, ``torch.cuda.max_memory_allocated`` on a
+  GPU; **step rise**: that peak minus the memory in use before the step (model, optimizer, data). First:
+  what decides whether a step fits is its peak, not the bytes it stores.
 * **saved (report)**: saved-activation bytes the method's report counts for the last step (unique storages:
   codes, scales, bases, storages kept raw, and LASER's own per-step state: its accumulators ``X^T Z``,
   sampled rows and the fp32 master of a bf16 basis copy, ``SiteReport.state_bytes``). Under ``checkpoint``
@@ -18,8 +21,6 @@ the same initial weights for every method. Columns:
 * **held after fwd**: bytes the forward allocated and left alive for backward, from the allocator (see
   ``common.py``): measured rather than counted, so it also holds what the forward kept alive besides
   saved tensors.
-* **peak**: peak RSS of a fresh process over one step on a CPU, ``torch.cuda.max_memory_allocated`` on a
-  GPU; **step rise**: that peak minus the memory in use before the step (model, optimizer, data).
 * **step time**: median over interleaved rounds after warm-up (a site's first step codes each tensor against
   its own SVD basis and samples rows for the shared one: one-off SVDs).
 
@@ -62,8 +63,9 @@ from common import (
 DEFAULT_METHODS = ["none", "laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "quant8",
                    "quant4", "checkpoint"]
 FULL_GRID = {"dims": [256, 512, 1024], "depths": [8, 24, 48], "ranks": [64, 128, 256]}
-HEADERS = ["method", "ranks", "saved (report)", "vs none", "held after fwd", "vs none", "peak", "vs none",
-           "step rise", "vs none", "step time", "vs none"]
+# Peak step memory first (issue 14.3): what decides whether a step fits, then the bytes behind it.
+HEADERS = ["method", "ranks", "peak", "vs none", "step rise", "vs none", "saved (report)", "vs none",
+           "held after fwd", "vs none", "step time", "vs none"]
 
 
 def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> tuple[dict, int]:
@@ -108,10 +110,10 @@ def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: in
             continue
         rows.append([
             spec.label, r["ranks"],
-            size(r.get("stored")), ratio(r.get("stored"), base.get("stored")),
-            size(r.get("held")), ratio(r.get("held"), base.get("held")),
             size(r.get("peak")), ratio(r.get("peak"), base.get("peak")),
             size(r.get("rise")), ratio(r.get("rise"), base.get("rise")),
+            size(r.get("stored")), ratio(r.get("stored"), base.get("stored")),
+            size(r.get("held")), ratio(r.get("held"), base.get("held")),
             f"{1000 * r['time']:.1f} ms", ratio(r["time"], base["time"]),
         ])
     peak = {"fresh": "peak RSS of a fresh process", "inprocess": (
