@@ -72,12 +72,15 @@ SCALE_BYTES = 4  # one fp32 scale per int8 code column
 
 @dataclass
 class SiteShapes:
-    """The storages one site admitted during a step: rows of each, width and dtype."""
+    """The storages one site admitted during a step: rows of each, width (of the coded columns) and dtype,
+    and the bytes of the whole storages (a column block, attention's value slice of a fused ``qkv``, codes
+    only its own columns of each row)."""
 
     dim: int
     dtype: torch.dtype
     rows: list[int] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)  # per storage: Dout of the linear it feeds, or 0
+    storage_bytes: int = 0
 
     @property
     def element_size(self) -> int:
@@ -86,8 +89,8 @@ class SiteShapes:
 
     @property
     def raw_bytes(self) -> int:
-        """Bytes these storages take raw."""
-        return sum(self.rows) * self.dim * self.element_size
+        """Bytes these storages take raw (whole storages)."""
+        return self.storage_bytes
 
 
 class ShapeRecorder(laser.ActivationMethod):
@@ -115,6 +118,7 @@ class ShapeRecorder(laser.ActivationMethod):
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         shapes = self.shapes.setdefault(site, SiteShapes(x.shape[1], x.dtype))
         shapes.rows.append(x.shape[0])
+        shapes.storage_bytes += x.untyped_storage().nbytes()
         self._storages.append((shapes, x.untyped_storage().data_ptr()))
         return Reason.RAW
 
@@ -130,14 +134,15 @@ class ShapeRecorder(laser.ActivationMethod):
 
 
 def floor_bytes(rows: Sequence[int], dim: int, rank: int, element_size: int, int8: bool,
-                basis_bytes: int = 4) -> int:
+                basis_bytes: int = 4, raw: int | None = None) -> int:
     """Least bytes a site's storages (``rows[i]`` x ``dim``) take as rank-``rank`` codes plus one basis.
 
     Codes cost ``element_size`` bytes each (1 with int8, plus one fp32 scale per column and tensor); the
-    basis is ``dim x rank`` elements of ``basis_bytes``. Where that is not smaller than the raw storages,
-    the raw bytes (int8 codes pay even at ``rank == dim``, where they are a plain int8 quantization).
+    basis is ``dim x rank`` elements of ``basis_bytes``. Where that is not smaller than the raw storages
+    (``raw`` bytes; default ``rows x dim`` elements), the raw bytes (int8 codes pay even at
+    ``rank == dim``, where they are a plain int8 quantization).
     """
-    raw = sum(rows) * dim * element_size
+    raw = sum(rows) * dim * element_size if raw is None else raw
     code_bytes = 1 if int8 else element_size
     scales = SCALE_BYTES * rank * len(rows) if int8 else 0
     codes = sum(rows) * rank * code_bytes + scales + dim * rank * basis_bytes
@@ -208,7 +213,8 @@ def floor_rows(report: Report, shapes: dict[str, SiteShapes], int8: bool, stride
         floor, flops = site.raw_bytes, 0
         if shape is not None:
             basis_bytes = matmul_dtype(shape.dtype, matmul).itemsize
-            codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8, basis_bytes)
+            codes = floor_bytes(shape.rows, shape.dim, site.rank, shape.element_size, int8, basis_bytes,
+                                shape.raw_bytes)
             floor += codes - shape.raw_bytes
             if codes < shape.raw_bytes:
                 outputs = shape.outputs if factored else None
