@@ -51,6 +51,16 @@ def test_orthonormalize_orders_columns_by_energy(d, k, seed):
 
 
 @SETTINGS
+@given(shapes=st.lists(st.sampled_from([(16, 4), (16, 4), (24, 6), (8, 8)]), min_size=1, max_size=6),
+       seed=st.integers(0, 10_000))
+def test_power_steps_batch_equals_one_at_a_time(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    accumulators = [torch.randn(*shape, generator=g) for shape in shapes]
+    for batched, m in zip(subspace.power_steps(accumulators), accumulators, strict=True):
+        assert torch.allclose(batched, subspace.power_step(m), atol=1e-5)
+
+
+@SETTINGS
 @given(d=st.integers(6, 40), k=st.integers(1, 5), m=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_expand_keeps_basis_orthonormal_and_old_columns(d, k, m, seed):
     k = min(k, d - 1)

@@ -38,22 +38,23 @@ def one_thread() -> Iterator[None]:
 
 
 def orthonormalize(m: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the column span of ``m`` (D, k), columns ordered by the energy of ``m``.
+    """Orthonormal basis of the column span of ``m`` (D, k), columns ordered by the energy of ``m``; a batch
+    (B, D, k) gives one per matrix, in one QR and one eigensolve call.
 
     QR gives an orthonormal basis; a small k x k eigensolve of ``R R^T`` then rotates it so the first
     column is the direction along which ``m`` is largest. The sign of each column is fixed (largest entry
     positive) so the result is a deterministic function of ``m``.
     """
     with one_thread():
-        q, r = torch.linalg.qr(m.float())  # (D, k), (k, k)
-        _, rotation = torch.linalg.eigh(r @ r.T)  # eigenvalues ascending
+        q, r = torch.linalg.qr(m.float())  # (..., D, k), (..., k, k)
+        _, rotation = torch.linalg.eigh(r @ r.mT)  # eigenvalues ascending
     q = q @ rotation.flip(-1)
     return _fix_signs(q)
 
 
 def _fix_signs(q: torch.Tensor) -> torch.Tensor:
-    pivot = q.abs().argmax(dim=0)  # (k,)
-    signs = torch.sign(q.gather(0, pivot[None, :]))
+    pivot = q.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    signs = torch.sign(q.gather(-2, pivot))
     signs[signs == 0] = 1.0
     return q * signs
 
@@ -65,6 +66,19 @@ def power_step(accumulator: torch.Tensor) -> torch.Tensor:
     ``X^T X`` is never formed.
     """
     return orthonormalize(accumulator)
+
+
+def power_steps(accumulators: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`power_step` of every accumulator, those of one shape and device as one batch: a step's sites
+    share few shapes, and on an accelerator each small decomposition is a launch (and a wait) of its own."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(accumulators):
+        groups.setdefault((tuple(m.shape), m.device), []).append(i)
+    bases: list[torch.Tensor | None] = [None] * len(accumulators)
+    for members in groups.values():
+        for i, basis in zip(members, orthonormalize(torch.stack([accumulators[i] for i in members])), strict=True):
+            bases[i] = basis
+    return bases
 
 
 def top_k_basis(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,16 @@ from torch import nn
 from laser import subspace
 from laser.config import LaserConfig
 from laser.hooks import ActivationMethod, Packed, Reason, SiteAccount, tensor_bytes
-from laser.methods.projection import CosineSums, add_stored, make_codes, never_pays, pays, squared_norm
+from laser.methods.projection import (
+    CosineSums,
+    add_stored,
+    cosine_of,
+    make_codes,
+    never_pays,
+    pays,
+    read_sums,
+    squared_norm,
+)
 from laser.report import SiteReport
 
 
@@ -269,36 +279,41 @@ class Compressor(ActivationMethod):
 
     # ------------------------------------------------------------- between steps
     def update(self) -> None:
+        """Algorithm 1 for every site of the step, with one read of the device for all sites' fidelity sums
+        and the power steps of sites of one shape batched (one QR and one eigensolve call)."""
         cfg = self.config
         if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._synchronize()
-        for site, state in self.sites.items():
-            stats = self.stats.get(site)
-            if stats is not None and not state.frozen and not state.untracked:
-                self._update_site(state, stats)
+        live = [(state, self.stats[site]) for site, state in self.sites.items()
+                if site in self.stats and not state.frozen and not state.untracked]
+        measured = [stats for state, stats in live if state.basis is not None and stats.accumulator is not None]
+        sums = dict(zip(map(id, measured), read_sums([stats.tracked for stats in measured]), strict=True))
+        powers = [(state, stats) for state, stats in live if self._update_site(state, stats, sums.get(id(stats)))]
+        for (state, stats), basis in zip(powers, subspace.power_steps([s.accumulator for _, s in powers]),
+                                         strict=True):
+            for _ in range(cfg.power_iters - 1):
+                basis = subspace.power_step(stats.sample.T @ (stats.sample @ basis))
+            state.basis, state.low_steps, state.resets_in_a_row = basis, 0, 0
 
     def clear_step(self) -> None:
         self.stats = {}
 
-    def _update_site(self, state: SiteState, stats: StepStats) -> None:
-        """Algorithm 1 for one site: initialise, or power step / expand / reset by the step's fidelity."""
+    def _update_site(self, state: SiteState, stats: StepStats, sums: tuple[float, float, float] | None) -> bool:
+        """Algorithm 1 for one site: initialise, or expand / reset by the step's fidelity (``sums``: its tracked
+        ``(dot, x_sq, y_sq)``); True when a power step is due instead (:meth:`update` batches them)."""
         cfg = self.config
         if state.basis is None:
             if stats.sample is not None:
                 self._reset(state, stats)
-            return
-        if stats.accumulator is None:
-            return
-        if not stats.tracked.finite():
+            return False
+        if sums is None:
+            return False
+        if not all(map(math.isfinite, sums)):
             state.nonfinite_steps += 1  # NaN/Inf reached the statistics: keep the basis as it is
-            return
-        state.fidelity = stats.tracked.cosine()
+            return False
+        state.fidelity = cosine_of(*sums)
         if state.fidelity >= cfg.threshold:
-            basis = subspace.power_step(stats.accumulator)
-            for _ in range(cfg.power_iters - 1):
-                basis = subspace.power_step(stats.sample.T @ (stats.sample @ basis))
-            state.basis, state.low_steps, state.resets_in_a_row = basis, 0, 0
-            return
+            return True
         state.low_steps += 1
         if state.low_steps < cfg.patience:
             rows = subspace.top_rows(stats.sample, stats.sample_keys, cfg.growth)
@@ -313,6 +328,7 @@ class Compressor(ActivationMethod):
             state.low_steps = 0
             state.resets += 1
             state.resets_in_a_row += 1
+        return False
 
     def _reset(self, state: SiteState, stats: StepStats) -> None:
         """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns (or, with

@@ -70,18 +70,31 @@ class CosineSums:
         else:
             self.dot, self.x_sq, self.y_sq = self.dot + dot, self.x_sq + x_sq, self.y_sq + y_sq
 
-    def finite(self) -> bool:
-        """Whether every sum is finite (one read of a device value)."""
-        return self.x_sq is None or bool(torch.isfinite(self.dot + self.x_sq + self.y_sq))
-
     def cosine(self) -> float:
         """The cosine (1.0 with nothing added, or when both sides are zero; 0.0 when only one is)."""
         if self.x_sq is None:
             return 1.0
-        dot, x_sq, y_sq = torch.stack((self.dot, self.x_sq, self.y_sq)).tolist()
-        if x_sq == 0.0 or y_sq == 0.0:
-            return 1.0 if x_sq == y_sq else 0.0
-        return min(1.0, dot / (math.sqrt(x_sq) * math.sqrt(y_sq)))
+        return cosine_of(*torch.stack((self.dot, self.x_sq, self.y_sq)).tolist())
+
+
+def read_sums(sums: list[CosineSums]) -> list[tuple[float, float, float]]:
+    """``(dot, x_sq, y_sq)`` of each of ``sums`` (every one with something added), one read per device for all."""
+    values: list[tuple[float, float, float] | None] = [None] * len(sums)
+    devices: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sums):
+        devices.setdefault(s.x_sq.device, []).append(i)
+    for members in devices.values():
+        read = torch.stack([torch.stack((sums[i].dot, sums[i].x_sq, sums[i].y_sq)) for i in members]).tolist()
+        for i, triple in zip(members, read, strict=True):
+            values[i] = tuple(triple)
+    return values
+
+
+def cosine_of(dot: float, x_sq: float, y_sq: float) -> float:
+    """``dot / sqrt(x_sq * y_sq)`` capped at 1 (1.0 when both sides are zero; 0.0 when only one is)."""
+    if x_sq == 0.0 or y_sq == 0.0:
+        return 1.0 if x_sq == y_sq else 0.0
+    return min(1.0, dot / (math.sqrt(x_sq) * math.sqrt(y_sq)))
 
 
 def stored_sums(codes: torch.Tensor, record: LowRankCodes) -> tuple[torch.Tensor, torch.Tensor] | None:
