@@ -68,7 +68,7 @@ class Metric:
 SOLVE_RATE = Metric("solve_rate", "solve rate", True, True, 1, "points", "trivial_solve_rate",
                     "a model that copies its input grid")
 BITS_PER_BYTE = Metric("bits_per_byte", "bits per byte", False, False, 4, "bits", "trivial_bits_per_byte",
-                       "the training bytes' unigram frequencies (no context)")
+                       "the training bytes' unigram frequencies, no context")
 TOKEN_ACC = "token_acc"
 
 
