@@ -166,14 +166,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention: fused bias-free `qkv` (D -> 3D), RoPE on q and k,
-    `F.scaled_dot_product_attention`, bias-free output projection `o` (D -> D)."""
+    """Multi-head self-attention: fused bias-free `qkv` (D -> 3D), RoPE on q and k,
+    `F.scaled_dot_product_attention`, bias-free output projection `o` (D -> D). Non-causal (the TRM) unless
+    `causal` (a language model: position i attends to positions <= i)."""
 
-    def __init__(self, hidden: int, heads: int) -> None:
+    def __init__(self, hidden: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"Attention: hidden ({hidden}) must be divisible by heads ({heads})")
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.head_dim = hidden // heads
         self.qkv = CastedLinear(hidden, 3 * hidden, bias=False)
         self.o = CastedLinear(hidden, hidden, bias=False)
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         if cos_sin is not None:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # (B, H, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
         return self.o(out.transpose(1, 2).reshape(B, L, D))
 
 

@@ -40,7 +40,6 @@ from laser.models.layers import (
     RotaryEmbedding,
     ScaledEmbedding,
     SwiGLU,
-    apply_rotary,
     rms_norm,
     swiglu_inter,
 )
@@ -120,28 +119,13 @@ def preset(name: str) -> LoopedLMConfig:
     return dataclasses.replace(PRESETS[name])
 
 
-class CausalAttention(Attention):
-    """:class:`~laser.models.layers.Attention` with a causal mask: position i attends to positions <= i."""
-
-    def forward(self, x: Tensor, cos_sin: CosSin | None = None) -> Tensor:
-        """(B, L, D) -> (B, L, D); ``cos_sin`` from ``RotaryEmbedding``."""
-        B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3 * self.heads, self.head_dim)  # (B, L, 3H, hd)
-        q, k, v = qkv.split(self.heads, dim=2)  # each (B, L, H, hd)
-        if cos_sin is not None:
-            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
-        return self.o(out.transpose(1, 2).reshape(B, L, D))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: h = h + attn(norm(h)); h = h + mlp(norm(h))."""
 
     def __init__(self, cfg: LoopedLMConfig) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        self.attn = CausalAttention(cfg.hidden, cfg.heads)
+        self.attn = Attention(cfg.hidden, cfg.heads, causal=True)
         self.mlp = SwiGLU(cfg.hidden, cfg.expansion)
 
     def forward(self, h: Tensor, cos_sin: CosSin) -> Tensor:
