@@ -707,10 +707,12 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                 entry = self._live[key] = self._new_entry(tensor)
                 self.seconds["encode"] += time.perf_counter() - start
             elif entry.record is not None or entry.rows is not None:
-                if self._exact_saver(tensor):
-                    return self._exact_view(entry, tensor, self._exact_reason(tensor, self._saver_kind()))
-                if entry.columns is not None and not _within(view_columns(tensor, entry.columns[2]), entry.columns):
-                    return self._exact_view(entry, tensor, Reason.LAYOUT)
+                reason = self._exact_reason(tensor, self._saver_kind())
+                if reason is None and entry.columns is not None \
+                        and not _within(view_columns(tensor, entry.columns[2]), entry.columns):
+                    reason = Reason.LAYOUT
+                if reason is not None:
+                    return self._exact_view(entry, tensor, reason)
             return _Saved(entry, tensor, self._linear_input(tensor, entry.account.dim))
 
     def _linear_input(self, tensor: torch.Tensor, width: int) -> LinearInput | None:
@@ -757,9 +759,6 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         if kind == ATTENTION and self.config.exact_qk and self._thread.mode.saving_scores(tensor.untyped_storage()):
             return Reason.ATTENTION
         return None
-
-    def _exact_saver(self, tensor: torch.Tensor) -> bool:
-        return self._exact_reason(tensor, self._saver_kind()) is not None
 
     def _exact_view(self, entry: _Entry, tensor: torch.Tensor, reason: str) -> _Raw:
         """A coded or pending storage saved again, now by an op that needs it exact or reading columns its
