@@ -11,6 +11,10 @@ It answers "which sites may a method touch": e.g. whether attention heads folded
 
     laser train --preset quick --out runs/quick-none
     python benchmarks/grad_probe.py runs/quick-none laser laser:fold_to=64 laser:fold_to=64,rank=60,max_rank=60
+
+``--plan COSINE`` also runs budget mode (:func:`laser.plan`) for that gradient-cosine floor, tracked on the
+warm-up batches and measured on the others, prints what it raised and protected, and adds its settings as a spec to the table (the spec line
+can be passed to ``laser compare --methods`` as it is).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+import laser
 from common import environment, markdown_table, ratio, set_threads, size
 from laser import methods
 from laser.analysis.analyze import build_model, load_run, supervision_loss, validation_batches
@@ -63,19 +68,46 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
     return rows
 
 
+def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int) -> tuple[laser.Plan, str]:
+    """Budget mode's plan for a gradient-cosine floor on the run's final weights, and its method spec.
+
+    Each probe tracks over the ``warmup`` validation batches of ``batch`` and is measured on the ``batches``
+    after them, as :func:`probe` measures every spec."""
+    run = load_run(run_dir)
+    model = build_model(run.config, run.weights[run.final_step], torch.device("cpu"))
+    pool = validation_batches(run.config, batch, torch.device("cpu"))
+    warm, measured = pool[:warmup], pool[warmup:warmup + batches]
+    config = methods.make_config("laser", **run.config.method_defaults.get("laser", {}))
+    plan = laser.plan(model, lambda m: sum(supervision_loss(m, b) for b in measured), laser.Target(grad_cosine=cosine),
+                      config, warmup=[lambda m, b=b: supervision_loss(m, b) for b in warm])
+    options = [f"rank={plan.config.rank}"]
+    if plan.config.site_ranks:
+        options.append("site_ranks=" + ";".join(plan.config.site_ranks))
+    if plan.config.exclude:
+        options.append("exclude=" + ";".join(plan.config.exclude))
+    return plan, "laser:" + ",".join(options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder holding checkpoint.pt (laser train --out)")
-    parser.add_argument("specs", nargs="+", help="method specs, e.g. laser:rank=32,fold_to=64")
+    parser.add_argument("specs", nargs="*", help="method specs, e.g. laser:rank=32,fold_to=64")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="validation batches the gradients are summed over")
     parser.add_argument("--warmup", type=int, default=4, help="method steps before measuring")
     parser.add_argument("--show", nargs="*", default=["blocks.0.attn:64", "blocks.0.attn:16", "blocks.0.mlp:512"],
                         help="sites whose rank / fidelity get a column")
+    parser.add_argument("--plan", type=float, default=None, metavar="COSINE",
+                        help="also plan LASER's site ranks for this gradient-cosine floor (budget mode)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
-    rows = probe(args.run_dir, args.specs, args.batch, args.batches, args.warmup, args.show)
+    specs = list(args.specs)
+    if args.plan is not None:
+        plan, spec = plan_spec(args.run_dir, args.plan, args.batch, args.batches, args.warmup)
+        print(f"## Budget mode on {args.run_dir}\n\n```\n{plan}\n```\n\nspec: `{spec}`\n")
+        specs.append(spec)
+    rows = probe(args.run_dir, specs, args.batch, args.batches, args.warmup, args.show)
     print(f"## Gradient fidelity on {args.run_dir}\n\n{environment('cpu')}; {args.batches} validation batches of "
           f"{args.batch} after {args.warmup} warm-up steps; method options include the run's preset defaults.\n")
     headers = ["method", "grad cosine", "grad rel. error", "saved", "vs none"] + [f"{s} rank / fid." for s in args.show]

@@ -1,8 +1,9 @@
 """Peak RSS of short training runs, each in a fresh process, with and without the trainer's gradient probes.
 
-``laser compare``'s "peak memory" column is the whole run's process peak, which includes the gradient probes
+``laser compare``'s "process peak" column is the whole run's peak, which includes the gradient probes
 (``grad_probe_at``: the exact gradient and the method's on two validation batches; with ``grad_probe_sites``
-one more forward and backward per coded site). This separates the probes' share from the training step's:
+one more forward and backward per coded site); its "peak step memory" is the training steps' own (the peak
+reset before each step). This shows both with and without the probes:
 
     python benchmarks/trainer_peak.py --steps 100
 """
@@ -33,7 +34,8 @@ def child(preset: str, overrides: list[str]) -> None:
 
     torch.set_num_threads(1)
     result = Trainer(apply_overrides(train_preset(preset), ["progress=false", *overrides])).train()
-    print(json.dumps({"peak": result["peak_memory_bytes"], "saved": result["activation_bytes"]}))
+    print(json.dumps({"peak": result["peak_memory_bytes"], "step_peak": result["peak_step_memory_bytes"],
+                      "saved": result["activation_bytes"]}))
 
 
 def main() -> None:
@@ -51,9 +53,11 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--child", *steps, *overrides],
                              check=True, capture_output=True, text=True).stdout
         measured = json.loads(out.strip().splitlines()[-1])
-        rows.append([name, size(measured["peak"]), size(measured["saved"])])
+        step_peak = "-" if measured["step_peak"] is None else size(measured["step_peak"])
+        rows.append([name, step_peak, size(measured["peak"]), size(measured["saved"])])
     print(f"## Peak RSS of {args.steps}-step {args.preset} runs, one fresh process each\n\n{environment('cpu')}\n")
-    print(markdown_table(["run", "peak RSS", "saved activations (last step)"], rows))
+    print(markdown_table(["run", "peak RSS of the steps", "peak RSS of the process", "saved activations (last step)"],
+                         rows))
 
 
 if __name__ == "__main__":

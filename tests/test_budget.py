@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -35,12 +37,53 @@ def test_a_gradient_floor_protects_exactly_the_site_that_breaks_it():
     unprotected = laser.plan(model, loss_fn, laser.Target(max_error=0.999), config)  # every site coded
     assert unprotected.measured.cosine < 0.99
     plan = laser.plan(model, loss_fn, laser.Target(grad_cosine=0.99), config)
-    # full's input and its output (saved by the square) are full rank; low's are rank 4 and stay coded
-    assert set(plan.protected) == {"full/input:64", "full/addmm:64"}
+    # full's input and its output (saved by the square) are full rank; low's are rank 4 and stay coded at 4.
+    # The weight gradient reads full's input: protected. The square's gradient, 2 y, forgives more: rank 16.
+    assert set(plan.protected) == {"full/input:64"} and set(plan.raised) == {"full/addmm:64"}
+    assert plan.raised["full/addmm:64"][0] == 16 and plan.config.rank_for("low/input:64") == 4
     assert all(cosine < 0.99 for cosine in plan.protected.values())
     assert plan.measured.cosine >= 0.99 and plan.measured.stored_fraction < 1.0  # low/ still coded
     assert "protected full/input:64" in str(plan)
     assert all(p.grad is None for p in model.parameters())  # the model is left as it was
+
+
+def test_a_gradient_floor_raises_the_rank_a_site_needs_before_protecting_it():
+    torch.manual_seed(0)
+    d, n = 64, 512
+    model = TwoSites(d)
+    a, b = torch.randn(n, 8) @ torch.randn(8, d) / 3, torch.randn(n, d)  # low's input: exactly rank 8
+    config = laser.LaserConfig(rank=4, min_numel=0, policy="paper", threshold=0.01)  # no expansion by itself
+    plan = laser.plan(model, lambda m: m(a, b), laser.Target(grad_cosine=0.99), config)
+    # rank 4 cannot hold low's rank-8 input; rank 8 holds it exactly: raised once, never protected
+    assert plan.raised["low/input:64"][0] == 8 and plan.raised["low/input:64"][1] < 0.99
+    assert plan.config.rank_for("low/input:64") == 8 and "low/input:64" not in plan.protected
+    assert "full/input:64" in plan.protected  # full rank: no rank under D/2 holds it
+    assert plan.measured.cosine >= 0.99 and plan.measured.stored_fraction < 1.0
+    assert "rank 8 at low/input:64" in str(plan)
+    comp = laser.Compressor(model, plan.config)
+    with comp:
+        model(a, b).backward()
+    rows = {row.name: row for row in comp.report().sites}
+    assert rows["low/input:64"].rank == 8 and rows["low/input:64"].fidelity > 0.9999
+    comp.remove()
+    capped = laser.plan(model, lambda m: m(a, b), laser.Target(grad_cosine=0.99),
+                        dataclasses.replace(config, max_rank=4))  # the user's ceiling: protect, never raise past it
+    assert "low/input:64" in capped.protected and not capped.raised and capped.measured.cosine >= 0.99
+
+
+def test_site_ranks_pick_the_first_matching_entry_and_bad_entries_name_the_fix():
+    cfg = laser.LaserConfig(rank=32, site_ranks="*mlp.down*=64; blocks.0*=16")
+    assert cfg.site_ranks == ("*mlp.down*=64", "blocks.0*=16")
+    assert cfg.rank_for("blocks.0.mlp.down/mul:256") == 64 and cfg.rank_for("blocks.0/add:64") == 16
+    assert cfg.rank_for("blocks.1/add:64") == 32 and cfg.largest_rank == 64
+    assert cfg.rank_ceiling("blocks.0/add:64") == 64 and cfg.rank_ceiling("x:64") == 128  # 4 x the site's rank
+    assert cfg.sample_size == 1024 and laser.LaserConfig(rank=8, site_ranks=("a=600",)).sample_size == 1200
+    assert laser.ProjectionConfig(rank=8, site_ranks=("a*=2",)).rank_for("ab") == 2
+    for bad in ("*mlp*", "*mlp*=0", "=4", "*mlp*=x"):
+        with pytest.raises(ValueError, match="site_ranks.*'pattern=rank'"):
+            laser.LaserConfig(site_ranks=bad)
+    with pytest.raises(ValueError, match="max_rank=32 .*largest starting rank \\(64"):
+        laser.LaserConfig(rank=32, max_rank=32, site_ranks="a=64")
 
 
 def test_an_error_target_sets_per_site_ranks_and_a_byte_budget_is_met():

@@ -191,7 +191,8 @@ def test_write_plots_writes_grad_cosine_and_the_report_links_it(tmp_path):
         curves = {"eval": [{"step": 5, "solve_rate": solve[0], "token_acc": 0.9}],
                   "train": [{"step": 5, "loss": 1.0, "token_acc": 0.9, "stored_bytes": memory, "ranks": {}}]}
         e.update(method=label, name=label, options={}, baseline=label == "none", seeds=[100, 101],
-                 peak_memory_bytes=summarize([2e8, 2e8]), trivial_solve_rate=0.01,
+                 peak_memory_bytes=summarize([2e8, 2e8]), peak_step_memory_bytes=summarize([1.5e8, 1.5e8]),
+                 trivial_solve_rate=0.01,
                  p_value_token_acc=None, compression_share=summarize([0.0, 0.0]), steps=10, device="cpu",
                  precision="fp32", report={"sites": [{"name": "h:8", "dim": 8, "rank": 8, "fidelity": 1.0,
                                                       "raw_bytes": 100, "stored_bytes": 100, "savings": 0.0}]},

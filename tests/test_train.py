@@ -32,7 +32,7 @@ from laser.train import (
     with_method,
 )
 from laser.train.config import parse_literal
-from laser.train.trainer import BatchStream, WarmupCosine, peak_memory_bytes
+from laser.train.trainer import BatchStream, WarmupCosine, peak_memory_bytes, reset_peak_memory
 
 # laser.train re-exports the compare() function under the module's name.
 compare_mod = importlib.import_module("laser.train.compare")
@@ -236,6 +236,24 @@ def test_batch_stream_covers_each_epoch_and_repeats_for_deep_supervision():
 def test_peak_memory_is_at_least_a_tensor_we_hold():
     held = torch.ones(4 * 2**20, dtype=torch.float64)  # 32 MiB
     assert peak_memory_bytes(torch.device("cpu")) > held.numel() * held.element_size()
+
+
+@pytest.mark.skipif(not reset_peak_memory(torch.device("cpu")), reason="peak RSS cannot be reset here (no "
+                    "/proc/self/clear_refs): the step peak is then the process peak")
+def test_the_step_peak_leaves_out_what_the_probes_allocate(monkeypatch):
+    big = 256 * 2**20  # a probe holding 256 MiB: the process peak sees it, the training steps' peak must not
+    real_probe = Trainer.gradient_probe
+
+    def heavy_probe(self):
+        ballast = torch.ones(big // 8, dtype=torch.float64)
+        out = real_probe(self)
+        del ballast
+        return out
+
+    monkeypatch.setattr(Trainer, "gradient_probe", heavy_probe)
+    result = Trainer(apply_overrides(train_preset("tiny"), ["grad_probe_at=(0.5,)"])).train()
+    assert result["peak_memory_bytes"] - result["peak_step_memory_bytes"] > big * 0.9
+    assert result["peak_step_memory_bytes"] > 0
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -425,12 +425,12 @@ def test_one_compressor_from_two_threads():
 
 # ------------------------------------------------------------------------------------ defaults (7)
 def test_defaults_derive_from_rank_and_only_an_explicit_pair_fails():
-    assert laser.LaserConfig(rank=600).rank_ceiling == 2400
+    assert laser.LaserConfig(rank=600).rank_ceiling("any") == 2400
     cfg = laser.LaserConfig(rank=2048, max_rank=2048)
     assert cfg.sample_size >= cfg.rank
-    with pytest.raises(ValueError, match="max_rank=100 .*rank \\(128\\)"):
+    with pytest.raises(ValueError, match="max_rank=100 .*rank \\(128"):
         laser.LaserConfig(max_rank=100)
-    with pytest.raises(ValueError, match="reset_rows=64 .*rank \\(128\\)"):
+    with pytest.raises(ValueError, match="reset_rows=64 .*rank \\(128"):
         laser.LaserConfig(reset_rows=64)
 
 

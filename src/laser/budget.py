@@ -5,9 +5,11 @@ reconstruction error per site, or a share of the baseline's saved-activation byt
 on a fixed batch the user's own step (``loss_fn(model)``) and returns a :class:`Plan`: the
 :class:`~laser.config.LaserConfig` to build the compressor with, and what it protected (kept raw) and why.
 
-* ``grad_cosine``: each coded site is probed alone (only it compressed) for its gradient cosine; a site
-  under the floor by itself is protected; then, with everything else coded, the site that hurts most is
-  protected until the whole-model cosine reaches the floor.
+* ``grad_cosine``: each coded site is probed alone (only it compressed) for its gradient cosine. While the
+  whole model, everything coded, is under the floor, the site that hurts most alone gets twice its rank
+  (``LaserConfig.site_ranks``) and is probed alone again; a site whose doubled rank would reach half its
+  width (where codes no longer save enough to be worth their error) or pass the user's ``max_rank`` is
+  protected (kept raw) instead.
 * ``max_error``: every site gets the smallest rank whose SVD error on its sampled rows is at most this
   (``LaserConfig.max_error``); nothing else to measure but the result.
 * ``stored_fraction``: the smallest ``max_error`` on a log grid whose measured stored bytes are within the
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,14 +75,18 @@ class Plan:
     """The settings that meet a :class:`Target`, with what they protect and what was measured.
 
     Attributes:
-        config: the LaserConfig to build the compressor with (protected sites in ``exclude``).
+        config: the LaserConfig to build the compressor with (protected sites in ``exclude``, raised ranks
+            first in ``site_ranks``).
         protected: site -> its gradient cosine when it alone is compressed (why it is kept raw).
+        raised: site -> ``(rank, cosine)``: the rank it was given and its gradient cosine alone at the rank
+            it had before (why it was raised).
         measured: the plan's own measurement.
         target: what was asked.
     """
 
     config: LaserConfig
     protected: dict[str, float] = field(default_factory=dict)
+    raised: dict[str, tuple[int, float]] = field(default_factory=dict)
     measured: Measurement | None = None
     target: Target | None = None
 
@@ -89,24 +95,30 @@ class Plan:
                  f"stored {100 * self.measured.stored_fraction:.1f}% of raw"]
         if self.config.max_error is not None:
             lines.append(f"per-site ranks from max_error={self.config.max_error:.4g}")
+        for site, (rank, cosine) in sorted(self.raised.items(), key=lambda kv: kv[1][1]):
+            lines.append(f"rank {rank} at {site}: compressed alone at half that it leaves gradient cosine {cosine:.4f}")
         for site, cosine in sorted(self.protected.items(), key=lambda kv: kv[1]):
             lines.append(f"protected {site}: compressed alone it leaves gradient cosine {cosine:.4f}")
         return "\n".join(lines)
 
 
 def plan(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], target: Target,
-         config: LaserConfig | None = None, probe_steps: int = 3) -> Plan:
+         config: LaserConfig | None = None, probe_steps: int = 3,
+         warmup: Sequence[Callable[[nn.Module], torch.Tensor]] | None = None) -> Plan:
     """The LaserConfig meeting ``target`` on ``model``, measured with ``loss_fn(model)`` (a fixed batch).
 
-    Each probe builds a compressor, runs ``probe_steps`` steps (no optimizer: the weights do not move) so
-    the bases are tracked, and compares the last step's gradient with the exact one. The model is left as
-    it was (hooks removed, gradients zeroed).
+    Each probe builds a compressor and tracks its bases over warm-up steps (no optimizer: the weights do not
+    move), then compares its gradient of ``loss_fn`` with the exact one. The warm-up steps are ``warmup``'s
+    losses when given (other batches than the measured one, as in training, where a basis codes a batch it
+    was not tracked on), else ``probe_steps - 1`` steps of ``loss_fn`` itself. The model is left as it was
+    (hooks removed, gradients zeroed).
     """
     config = config if config is not None else LaserConfig()
     if probe_steps < 1:
         raise ValueError(f"probe_steps={probe_steps!r} is invalid: must be >= 1 (steps per probe)")
+    warmup = list(warmup) if warmup is not None else [loss_fn] * (probe_steps - 1)
     exact = _gradient(model, loss_fn, None)
-    measure = _Prober(model, loss_fn, exact, probe_steps)
+    measure = _Prober(model, loss_fn, exact, warmup)
     if target.max_error is not None:
         chosen = dataclasses.replace(config, max_error=target.max_error)
         return Plan(chosen, measured=measure(chosen)[0], target=target)
@@ -116,16 +128,33 @@ def plan(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], target:
 
 
 def _protect(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
+    ranks: dict[str, int] = {}  # site -> the rank the plan gives it
+    protected: dict[str, float] = {}
+    raised: dict[str, tuple[int, float]] = {}
+
+    def planned(**extra: object) -> LaserConfig:
+        entries = tuple(f"{_literal(site)}={rank}" for site, rank in ranks.items())
+        return dataclasses.replace(config, site_ranks=(*entries, *config.site_ranks),
+                                   exclude=(*config.exclude, *map(_literal, sorted(protected))), **extra)
+
+    def alone(site: str) -> float:
+        return measure(planned(include=(_literal(site),)))[0].cosine
+
     whole, coded = measure(config)
-    alone = {site: measure(dataclasses.replace(config, include=(_literal(site),)))[0].cosine for site in coded}
-    protected = {site: c for site, c in alone.items() if c < target.grad_cosine}
-    while True:
-        chosen = dataclasses.replace(config, exclude=(*config.exclude, *map(_literal, sorted(protected))))
-        whole, coded = measure(chosen)
-        if whole.cosine >= target.grad_cosine or not coded:
-            return Plan(chosen, protected, whole, target)
-        worst = min(coded, key=lambda site: alone.get(site, 1.0))
-        protected[worst] = alone.get(worst, whole.cosine)
+    cosines = {site: alone(site) for site in coded}
+    while whole.cosine < target.grad_cosine and coded:
+        site = min(coded, key=lambda name: cosines.get(name, 1.0))
+        rank = 2 * ranks.get(site, config.rank_for(site))
+        if 2 * rank >= coded[site] or (config.max_rank is not None and rank > config.max_rank):
+            protected[site] = cosines.pop(site, whole.cosine)
+            raised.pop(site, None)
+            ranks.pop(site, None)
+        else:
+            ranks[site] = rank
+            raised[site] = (rank, cosines.get(site, whole.cosine))
+            cosines[site] = alone(site)
+        whole, coded = measure(planned())
+    return Plan(planned(), protected, raised, whole, target)
 
 
 def _fit_bytes(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
@@ -142,22 +171,24 @@ def _fit_bytes(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
 class _Prober:
     """Runs probes of configs against the exact gradient."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, steps: int) -> None:
-        self.model, self.loss_fn, self.exact, self.steps = model, loss_fn, exact, steps
+    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, warmup: list[Callable]) -> None:
+        self.model, self.loss_fn, self.exact, self.warmup = model, loss_fn, exact, warmup
 
-    def __call__(self, config: LaserConfig) -> tuple[Measurement, list[str]]:
-        """The measurement of ``config`` and the sites that stored codes in the last step."""
+    def __call__(self, config: LaserConfig) -> tuple[Measurement, dict[str, int]]:
+        """The measurement of ``config`` and the sites that stored codes in the last step, with their widths."""
         comp = Compressor(self.model, config)
         try:
-            for _ in range(self.steps):
-                grad = _gradient(self.model, self.loss_fn, comp)
-                report = comp.report()
+            for loss_fn in self.warmup:
+                _gradient(self.model, loss_fn, comp)
                 comp.step()
+            grad = _gradient(self.model, self.loss_fn, comp)
+            report = comp.report()
+            comp.step()
         finally:
             comp.remove()
         cosine = float(torch.nn.functional.cosine_similarity(grad, self.exact, dim=0))
         stored = report.stored_bytes / report.raw_bytes if report.raw_bytes else 1.0
-        coded = [row.name for row in report.sites if row.fallbacks < row.tensors]
+        coded = {row.name: row.dim for row in report.sites if row.fallbacks < row.tensors}
         return Measurement(cosine if math.isfinite(cosine) else 0.0, stored), coded
 
 

@@ -103,21 +103,72 @@ def _patterns(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+
+def _site_ranks(value: object) -> tuple[str, ...]:
+    """``site_ranks`` as a tuple of ``"pattern=rank"`` entries (one string: entries separated by ';')."""
+    entries = value.split(";") if isinstance(value, str) else value
+    _require(isinstance(entries, (tuple, list)) and all(isinstance(e, str) for e in entries), "site_ranks", value,
+             "must be 'pattern=rank' entries, e.g. ('*mlp.down*=64',) or one string '*mlp.down*=64;*attn*=16'")
+    parsed = []
+    for entry in (e.strip() for part in entries for e in part.split(";")):
+        if not entry:
+            continue
+        pattern, sep, rank = entry.rpartition("=")
+        _require(bool(sep and pattern) and rank.strip().isdigit() and int(rank) >= 1, "site_ranks", value,
+                 f"entry {entry!r} must be 'pattern=rank' with a rank >= 1, e.g. '*mlp.down*=64'")
+        parsed.append(f"{pattern.strip()}={int(rank)}")
+    return tuple(parsed)
+
+
+@dataclass(kw_only=True)
+class RankedFilter(SiteFilter):
+    """A :class:`SiteFilter` whose methods code with a rank, one for every site unless ``site_ranks`` says.
+
+    Attributes:
+        rank: the rank of every site no ``site_ranks`` entry matches.
+        site_ranks: ``"pattern=rank"`` entries (glob patterns on site names, as ``include``); a site takes the
+            rank of the first entry that matches it. ``("*mlp.down*=64",)`` doubles the rank of the MLP down
+            projection's input over ``rank=32``; :func:`laser.plan` chooses them from measured sensitivity.
+    """
+
+    rank: int = 128
+    site_ranks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
+        self.site_ranks = _site_ranks(self.site_ranks)
+
+    def rank_for(self, site: str) -> int:
+        """The rank ``site`` codes with: its first matching ``site_ranks`` entry, else ``rank``."""
+        for entry in self.site_ranks:
+            pattern, _, rank = entry.rpartition("=")
+            if fnmatch.fnmatchcase(site, pattern):
+                return int(rank)
+        return self.rank
+
+    @property
+    def largest_rank(self) -> int:
+        """The largest rank any site may start at (``rank`` or a ``site_ranks`` entry)."""
+        return max([self.rank, *(int(e.rpartition("=")[2]) for e in self.site_ranks)])
+
 @dataclass
 class NoneConfig(SiteFilter):
     """The baseline: every saved activation is kept as it is; only bytes are counted."""
 
 
 @dataclass
-class LaserConfig(SiteFilter):
+class LaserConfig(RankedFilter):
     """Settings of the LASER compressor; defaults follow the paper's Table 5.
 
     Attributes:
-        rank: initial rank ``k0`` of every site's basis (also the rank a hard reset returns to).
+        rank: initial rank ``k0`` of every site's basis (also the rank a hard reset returns to); a site matched
+            by ``site_ranks`` starts (and resets) at its entry's rank instead.
+        site_ranks: per-site ranks, ``"pattern=rank"`` entries (:class:`RankedFilter`).
         threshold: fidelity ``F = ||Z||/||X||`` below which a step counts as low (epsilon).
         growth: rows sampled and orthogonalised into the basis on a low step (``m``).
-        max_rank: ceiling on a site's rank; ``None``: ``4 * rank`` (512 at the paper's rank 128), none with
-            ``max_error``.
+        max_rank: ceiling on a site's rank; ``None``: 4 times the site's starting rank (512 at the paper's rank
+            128), none with ``max_error``.
         patience: consecutive low steps that trigger a hard reset by exact SVD (``p``).
         power_iters: power-iteration steps per training step; the first uses every activation of the step
             (matrix-free), further ones use the step's row sample.
@@ -159,7 +210,6 @@ class LaserConfig(SiteFilter):
             tensor is reconstructed (the reference this path is tested against).
     """
 
-    rank: int = 128
     threshold: float = 0.95
     growth: int = 4
     max_rank: int | None = None
@@ -179,11 +229,11 @@ class LaserConfig(SiteFilter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
         _require(0.0 < self.threshold <= 1.0, "threshold", self.threshold, "must be in (0, 1]")
         _require(self.growth >= 1, "growth", self.growth, "must be >= 1")
-        _require(self.max_rank is None or self.max_rank >= self.rank, "max_rank", self.max_rank,
-                 f"must be >= rank ({self.rank}); raise max_rank or lower rank, or leave max_rank unset (4 * rank)")
+        _require(self.max_rank is None or self.max_rank >= self.largest_rank, "max_rank", self.max_rank,
+                 f"must be >= the largest starting rank ({self.largest_rank}, rank or site_ranks); raise max_rank or "
+                 "lower the rank, or leave max_rank unset (4 times each site's rank)")
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
         _require(self.oversample >= 0, "oversample", self.oversample, "must be >= 0 (0: Algorithm 1)")
@@ -195,23 +245,22 @@ class LaserConfig(SiteFilter):
         _require(self.matmul_dtype in ("auto", "float32"), "matmul_dtype", self.matmul_dtype,
                  "use 'auto' (bf16 matmuls for bf16 activations) or 'float32' (the reference path)")
         _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
-        _require(self.reset_rows is None or self.reset_rows >= self.rank, "reset_rows", self.reset_rows,
-                 f"must be >= rank ({self.rank}); raise reset_rows or lower rank, or leave reset_rows unset "
-                 "(max(1024, 2 * rank))")
+        _require(self.reset_rows is None or self.reset_rows >= self.largest_rank, "reset_rows", self.reset_rows,
+                 f"must be >= the largest starting rank ({self.largest_rank}, rank or site_ranks); raise reset_rows "
+                 "or lower the rank, or leave reset_rows unset (max(1024, 2 * that rank))")
         _require(self.max_resets >= 0, "max_resets", self.max_resets, "must be >= 0")
 
-    @property
-    def rank_ceiling(self) -> int:
-        """``max_rank``, or when unset the default it derives from ``rank`` (none with ``max_error``: the
-        error target decides each site's rank)."""
+    def rank_ceiling(self, site: str) -> int:
+        """``max_rank``, or when unset the default it derives from the site's starting rank (none with
+        ``max_error``: the error target decides each site's rank)."""
         if self.max_rank is not None:
             return self.max_rank
-        return 4 * self.rank if self.max_error is None else 2**31
+        return 4 * self.rank_for(site) if self.max_error is None else 2**31
 
     @property
     def sample_size(self) -> int:
-        """``reset_rows``, or the default it derives from ``rank`` when unset."""
-        return self.reset_rows if self.reset_rows is not None else max(1024, 2 * self.rank)
+        """``reset_rows``, or the default it derives from the largest starting rank when unset."""
+        return self.reset_rows if self.reset_rows is not None else max(1024, 2 * self.largest_rank)
 
 
 @dataclass
@@ -237,22 +286,20 @@ class QuantConfig(SiteFilter):
 
 
 @dataclass
-class ProjectionConfig(SiteFilter):
+class ProjectionConfig(RankedFilter):
     """Fixed-rank projections that do not track the subspace (``static``, ``sketch``, ``oracle``).
 
     Attributes:
-        rank: columns of every site's basis.
+        rank: columns of every site's basis; ``site_ranks``: per-site ranks (:class:`RankedFilter`).
         quantize: ``None`` or ``"int8"`` codes, as in :class:`LaserConfig`.
         seed: seed of the random projections (``sketch``) and randomized SVDs (``oracle``).
     """
 
-    rank: int = 128
     quantize: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.rank >= 1, "rank", self.rank, "must be >= 1")
         _require(self.quantize in (None, "int8"), "quantize", self.quantize, "use None or 'int8'")
 
 

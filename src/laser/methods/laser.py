@@ -162,7 +162,7 @@ class Compressor(ActivationMethod):
         if stats is None:
             stats = self.stats[site] = StepStats()
         if state.basis is None:
-            return self._encode_first_step(stats, state, x)
+            return self._encode_first_step(stats, state, x, site)
         rank = state.rank
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
@@ -191,7 +191,7 @@ class Compressor(ActivationMethod):
         stats.held_rows += x.shape[0]
         return pays(stats.held_rows, x.shape[1], rank, cfg.quantize, x.dtype, site_share(compute), compute)
 
-    def _encode_first_step(self, stats: StepStats, state: SiteState, x: torch.Tensor) -> Packed | str:
+    def _encode_first_step(self, stats: StepStats, state: SiteState, x: torch.Tensor, site: str) -> Packed | str:
         """A site's first step: each tensor gets codes against its own top-k basis, rows are sampled for Q_0.
 
         Storing the first step raw would make it the step of peak memory, as high as without compression;
@@ -203,7 +203,7 @@ class Compressor(ActivationMethod):
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return Reason.NONFINITE  # never feed NaN/Inf into a basis
-        rank = min(cfg.rank, state.dim)
+        rank = min(cfg.rank_for(site), state.dim)
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return Reason.FROZEN
@@ -284,11 +284,12 @@ class Compressor(ActivationMethod):
         cfg = self.config
         if cfg.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._synchronize()
-        live = [(state, self.stats[site]) for site, state in self.sites.items()
+        live = [(site, state, self.stats[site]) for site, state in self.sites.items()
                 if site in self.stats and not state.frozen and not state.untracked]
-        measured = [stats for state, stats in live if state.basis is not None and stats.accumulator is not None]
+        measured = [stats for _, state, stats in live if state.basis is not None and stats.accumulator is not None]
         sums = dict(zip(map(id, measured), read_sums([stats.tracked for stats in measured]), strict=True))
-        powers = [(state, stats) for state, stats in live if self._update_site(state, stats, sums.get(id(stats)))]
+        powers = [(state, stats) for site, state, stats in live
+                  if self._update_site(site, state, stats, sums.get(id(stats)))]
         for (state, stats), basis in zip(powers, subspace.power_steps([s.accumulator for _, s in powers]),
                                          strict=True):
             for _ in range(cfg.power_iters - 1):
@@ -298,13 +299,14 @@ class Compressor(ActivationMethod):
     def clear_step(self) -> None:
         self.stats = {}
 
-    def _update_site(self, state: SiteState, stats: StepStats, sums: tuple[float, float, float] | None) -> bool:
+    def _update_site(self, site: str, state: SiteState, stats: StepStats,
+                     sums: tuple[float, float, float] | None) -> bool:
         """Algorithm 1 for one site: initialise, or expand / reset by the step's fidelity (``sums``: its tracked
         ``(dot, x_sq, y_sq)``); True when a power step is due instead (:meth:`update` batches them)."""
         cfg = self.config
         if state.basis is None:
             if stats.sample is not None:
-                self._reset(state, stats)
+                self._reset(site, state, stats)
             return False
         if sums is None:
             return False
@@ -317,27 +319,28 @@ class Compressor(ActivationMethod):
         state.low_steps += 1
         if state.low_steps < cfg.patience:
             rows = subspace.top_rows(stats.sample, stats.sample_keys, cfg.growth)
-            grown = subspace.expand(state.basis, rows, cfg.rank_ceiling + cfg.oversample)
+            ceiling = cfg.rank_ceiling(site)
+            grown = subspace.expand(state.basis, rows, ceiling + cfg.oversample)
             added = grown.shape[1] - state.basis.shape[1]
             state.expansions += added > 0
-            state.basis, state.rank = grown, min(state.rank + added, cfg.rank_ceiling, grown.shape[1])
+            state.basis, state.rank = grown, min(state.rank + added, ceiling, grown.shape[1])
         elif state.resets_in_a_row >= cfg.max_resets:
             state.untracked = True
         else:
-            self._reset(state, stats)
+            self._reset(site, state, stats)
             state.low_steps = 0
             state.resets += 1
             state.resets_in_a_row += 1
         return False
 
-    def _reset(self, state: SiteState, stats: StepStats) -> None:
+    def _reset(self, site: str, state: SiteState, stats: StepStats) -> None:
         """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns (or, with
         ``max_error``, as many as the sample needs for that error) and up to ``oversample`` more tracked
         (Algorithm 1 lines 1 and 19)."""
         cfg = self.config
-        state.rank = min(cfg.rank, state.dim)
+        state.rank = min(cfg.rank_for(site), state.dim)
         if cfg.max_error is not None:
-            state.rank = min(subspace.rank_for_error(stats.sample, cfg.max_error), cfg.rank_ceiling, state.dim)
+            state.rank = min(subspace.rank_for_error(stats.sample, cfg.max_error), cfg.rank_ceiling(site), state.dim)
         state.basis = subspace.top_k_basis(stats.sample, min(state.rank + cfg.oversample, state.dim),
                                            self.update_generator)
 

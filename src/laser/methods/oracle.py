@@ -24,5 +24,5 @@ class OracleMethod(FixedBasisMethod):
     name = "oracle"
     per_tensor_basis = True
 
-    def basis(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        return top_k_basis(x, self.config.rank, self.generator)
+    def basis(self, x: torch.Tensor, site: str, rank: int) -> torch.Tensor:
+        return top_k_basis(x, rank, self.generator)

@@ -217,20 +217,20 @@ class FixedBasisMethod(MeasuredMethod):
         super().__init__(model, config)
         self.bases: dict[str, torch.Tensor] = {}
 
-    def basis(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        """The (D, k) orthonormal fp32 basis to encode ``x`` (N, D) fp32 at ``site`` with."""
+    def basis(self, x: torch.Tensor, site: str, rank: int) -> torch.Tensor:
+        """The (D, ``rank``) orthonormal fp32 basis to encode ``x`` (N, D) fp32 at ``site`` with."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
-        rank = min(cfg.rank, x.shape[1])
+        rank = min(cfg.rank_for(site), x.shape[1])
         if not pays(*x.shape, rank, cfg.quantize, x.dtype):
             return Reason.BREAK_EVEN
         xf = x.float()  # (N, D); no copy for fp32 activations
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return Reason.NONFINITE  # never build a basis from, or store codes of, NaN/Inf
-        basis = self.basis(xf, site)  # (D, k)
+        basis = self.basis(xf, site, rank)  # (D, k)
         codes = xf @ basis  # (N, k) fp32
         record = make_codes(codes, basis, x.dtype, cfg.quantize)
         add_stored(self.sums(site, rank), x_sq, squared_norm(codes), codes, record)

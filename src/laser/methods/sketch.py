@@ -34,8 +34,7 @@ class SketchMethod(FixedBasisMethod):
 
     name = "sketch"
 
-    def basis(self, x: torch.Tensor, site: str) -> torch.Tensor:
+    def basis(self, x: torch.Tensor, site: str, rank: int) -> torch.Tensor:
         if site not in self.bases:
-            rank = min(self.config.rank, x.shape[1])
             self.bases[site] = sketch_basis(x.shape[1], rank, self.config.seed, site).to(x.device)
         return self.bases[site]

@@ -22,7 +22,7 @@ class StaticMethod(FixedBasisMethod):
 
     name = "static"
 
-    def basis(self, x: torch.Tensor, site: str) -> torch.Tensor:
+    def basis(self, x: torch.Tensor, site: str, rank: int) -> torch.Tensor:
         if site not in self.bases:
-            self.bases[site] = top_k_basis(x, self.config.rank, self.generator)
+            self.bases[site] = top_k_basis(x, rank, self.generator)
         return self.bases[site]

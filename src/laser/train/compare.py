@@ -255,6 +255,9 @@ def _entry(label: str, labels: list[str], baseline: str, seeds: list[int], runs:
         "activation_ratio": summarize([r["activation_bytes"] / b["activation_bytes"] for r, b in zip(mine, base,
                                                                                                       strict=True)]),
         "peak_memory_bytes": summarize([r["peak_memory_bytes"] for r in mine]),
+        # None where a run could not reset its peak (or came from before this was measured): never mixed in
+        "peak_step_memory_bytes": summarize([r["peak_step_memory_bytes"] for r in mine]
+                                            if all(r.get("peak_step_memory_bytes") for r in mine) else []),
         "step_time_ratio": summarize([step_time(r) / step_time(b) for r, b in zip(mine, base, strict=True)]),
         "wall_step_time_ratio": summarize([r["median_step_seconds"] / b["median_step_seconds"]
                                            for r, b in zip(mine, base, strict=True)]),
@@ -308,17 +311,20 @@ def markdown_table(results: dict, baseline: str) -> str:
     """The comparison table (markdown): memory, speed, accuracy with mean ± std over seeds, p-values."""
     metric = tasks.metric_of(results)
     if metric is tasks.SOLVE_RATE:
-        header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
-                  "val token acc", "val solve rate", "p (solve)", "trivial solve", "grad cosine"]
+        header = ["method", "peak step memory", "activation memory", "vs baseline", "process peak",
+                  "step time (x baseline)", "val token acc", "val solve rate", "p (solve)", "trivial solve",
+                  "grad cosine"]
     else:
-        header = ["method", "activation memory", "vs baseline", "peak memory", "step time (x baseline)",
-                  "val next-byte acc", f"val {metric.name}", f"p ({metric.key})", "unigram", "grad cosine"]
+        header = ["method", "peak step memory", "activation memory", "vs baseline", "process peak",
+                  "step time (x baseline)", "val next-byte acc", f"val {metric.name}", f"p ({metric.key})", "unigram",
+                  "grad cosine"]
     rows = []
     for label, e in results.items():
         p = e["p_value"]
         cos = e["gradient_cosine"]["model"]
         rows.append([
             label + (" (baseline)" if label == baseline else ""),
+            "-" if e["peak_step_memory_bytes"]["mean"] is None else format_bytes(e["peak_step_memory_bytes"]["mean"]),
             format_bytes(e["activation_bytes"]["mean"]),
             f"{e['activation_ratio']['mean']:.3f}",
             format_bytes(e["peak_memory_bytes"]["mean"]),
@@ -558,8 +564,11 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "- activation memory: saved-activation bytes the method kept at the last training step (unique storages "
         "held by the autograd graph, bases included), mean over seeds; *vs baseline* is its ratio to the "
         f"baseline ({baseline}).",
-        "- peak memory: CPU: peak RSS of the run's own process (it includes the Python runtime and data); "
-        "CUDA: `torch.cuda.max_memory_allocated`.",
+        "- peak step memory: the highest memory during a training step, with the peak reset before each step "
+        "(evaluation and the gradient probes excluded); CPU: peak RSS (`VmHWM`, reset through "
+        "`/proc/self/clear_refs`; it includes the Python runtime and data), CUDA: `torch.cuda.max_memory_allocated` "
+        "(reset with `reset_peak_memory_stats`); `-` where it could not be reset. *process peak*: the same over "
+        "the whole run, probes and evaluation included.",
         "- step time: median optimizer-step time divided by the baseline's, same seed, same comparison; on a "
         "CPU the process CPU time of a step (robust to other load on the machine; the wall-time ratio is "
         "`wall_step_time_ratio` in results.json), on a GPU the synchronised wall time.",

@@ -97,6 +97,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start :func:`peak_memory_bytes` again from the memory in use now; False where that cannot be done.
+
+    CUDA: ``reset_peak_memory_stats``. CPU (Linux): writing ``5`` to ``/proc/self/clear_refs`` sets ``VmHWM``
+    to the current RSS. Elsewhere peak RSS covers the whole process and cannot be reset.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` is CUDA when available, else the CPU."""
     if name == "auto":
@@ -489,7 +506,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (show and self.parallel.is_main),
                    desc=cfg.method, leave=False)
         while self.step < stop:
+            # The step's own peak, not evaluation's or the probes': reset before the step, after keeping the
+            # peak so far (the reset forgets it) for the whole run's.
+            self.history["process_peak_bytes"] = self._process_peak()
+            resettable = reset_peak_memory(self.device)
             metrics = self.train_step()
+            if resettable:
+                peak = max(self.history.get("step_peak_bytes") or 0, peak_memory_bytes(self.device))
+                self.history["step_peak_bytes"] = peak
             self.history["step_seconds"].append(metrics["step_seconds"])
             self.history["step_cpu_seconds"].append(metrics["step_cpu_seconds"])
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -521,6 +545,10 @@ class Trainer:
             self.save()
         return self.result()
 
+    def _process_peak(self) -> int:
+        """The peak memory of the whole run so far (what :func:`reset_peak_memory` before each step forgets)."""
+        return max(self.history.get("process_peak_bytes") or 0, peak_memory_bytes(self.device))
+
     def result(self) -> dict:
         """Final metrics, curves, memory, step times and the method's last report, as plain data."""
         evals = self.history["eval"]
@@ -542,7 +570,8 @@ class Trainer:
             "grad_cosine": self.history["grad_cosine"],
             "activation_bytes": report.stored_bytes,
             "raw_activation_bytes": report.raw_bytes,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": self._process_peak(),
+            "peak_step_memory_bytes": self.history.get("step_peak_bytes"),
             "median_step_seconds": statistics.median(seconds) if seconds else None,
             "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
             "total_step_seconds": total_seconds,
