@@ -13,8 +13,8 @@ It answers "which sites may a method touch": e.g. whether attention heads folded
     python benchmarks/grad_probe.py runs/quick-none laser laser:fold_to=64 laser:fold_to=64,rank=60,max_rank=60
 
 ``--plan COSINE`` also runs budget mode (:func:`laser.plan`) for that gradient-cosine floor, tracked on the
-warm-up batches and measured on the others, prints what it raised and protected, and adds its settings as a spec to the table (the spec line
-can be passed to ``laser compare --methods`` as it is).
+warm-up batches and measured on the others, prints what it raised and protected, and adds its settings as
+a spec to the table (the spec line can be passed to ``laser compare --methods`` as it is).
 """
 
 from __future__ import annotations
