@@ -156,6 +156,29 @@ def test_exactly_low_rank_activations_reproduce_twin_and_store_r_over_d(quantize
     assert model_stored / model_raw < (r / d) * 1.1 + 2 * d * r * 4 / model_raw
 
 
+@pytest.mark.parametrize("name", ["laser", "oracle", "static", "sketch"])
+def test_site_ranks_give_each_site_its_own_rank_and_bytes(name):
+    """first's input at rank 8 by its site_ranks entry, first's output (second's input) at the default 4."""
+    torch.manual_seed(0)
+    n, d = 512, 64
+    model, x = LowRankChain(d), low_rank_input(n, d, 8)
+    method = laser.methods.build(name, model, rank=4, site_ranks=("first/input*=8",), min_numel=0,
+                                 **({"max_rank": 8, "threshold": 0.01} if name == "laser" else {}))
+    for _ in range(2):  # LASER's second step codes against its tracked bases
+        with method:
+            loss = loss_of(model, x)
+        loss.backward()
+        method.step()
+    report = method.report()
+    ranks = {row.name: row.rank for row in report.sites}
+    assert ranks[f"first/input:{d}"] == 8 and ranks[f"first/mm:{d}"] == 4
+    stored = {row.name: row.stored_bytes - row.state_bytes for row in report.sites}
+    assert stored[f"first/input:{d}"] == n * 8 * 4 + d * 8 * 4  # codes + basis, fp32, by hand
+    assert stored[f"first/mm:{d}"] == n * 4 * 4 + d * 4 * 4
+    if name in ("laser", "oracle"):  # a rank-8 input: rank 8 holds it exactly, the data-blind sketch does not
+        assert report.site(f"first/input:{d}").fidelity > 0.9999
+
+
 def test_weight_tied_block_gives_one_site_per_module_and_width():
     torch.manual_seed(0)
     steps = 24
