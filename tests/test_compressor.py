@@ -339,6 +339,39 @@ def test_guarded_policy_never_stores_a_reconstruction_below_threshold():
             assert report.stored_bytes - sum(s.state_bytes for s in report.sites) == report.raw_bytes
 
 
+def test_a_deferred_guard_stores_raw_from_the_step_after_a_position_fails_until_it_passes_again():
+    """The guarded policy on an accelerator (forced here on the CPU): each tensor's test is read in step(),
+    and the tensor at the same position of the next step is stored raw where it failed."""
+    torch.manual_seed(0)
+    n, d = 256, 64
+    model = nn.Linear(d, d, bias=False)
+    comp = Compressor(model, laser.LaserConfig(rank=4, min_numel=0, threshold=0.95, patience=100, max_rank=4))
+    comp.defer_guard = True
+    site = f"Linear/input:{d}"
+    low, full = low_rank_input(n, d, 4), torch.randn(n, d)  # rank 4 holds low exactly, full not at all
+
+    def step(x: torch.Tensor) -> tuple[dict, float]:
+        with comp:
+            model(x).square().mean().backward()
+        comp.step()
+        row = comp.report().site(site)
+        return row.reasons, row.fidelity
+
+    for _ in range(2):
+        assert step(low) == ({}, pytest.approx(1.0, abs=1e-5))  # coded, exact
+    reasons, fidelity = step(full)
+    assert reasons == {} and fidelity < 0.95  # the first failure is stored as codes: nothing knew yet
+    assert comp.sites[site].weak == (0,)
+    assert step(full) == ({"guard": 1}, 1.0)  # from the next step on, raw
+    assert step(low) == ({"guard": 1}, 1.0)  # raw once more: the last test failed; this one passes
+    assert comp.sites[site].weak == ()
+    assert step(low) == ({}, pytest.approx(1.0, abs=1e-5))  # coded again
+    nan = low.clone()
+    nan[3, 5] = float("nan")
+    step(nan)
+    assert comp.sites[site].weak == (0,)  # a non-finite fidelity fails the test too
+
+
 def test_low_fidelity_expands_then_resets_after_patience():
     torch.manual_seed(0)
     d = 64

@@ -81,6 +81,16 @@ def test_paper_policy_forward_reads_no_device_value_and_guarded_reads_one_per_ch
     # every coded tensor was checked once; so was every one the check sent back raw
     stored, coded = tensors["guarded"]
     assert coded <= reads["guarded"] <= stored and reads["guarded"] > 0
+    # the guarded policy as it runs on an accelerator: its tests stay on the device until step()
+    model = Looped()
+    comp = steady_compressor(model, x, policy="guarded", **options)
+    comp.defer_guard = True
+    with comp, DeviceReads() as mode:
+        loss = loss_of(model, x)
+    assert mode.count == 0
+    loss.backward()
+    # the same tests, kept (DeviceReads does not count the read of a test made from the batch alone)
+    assert sum(len(stats.checks) for stats in comp.stats.values()) >= reads["guarded"] > 0
 
 
 def test_device_reads_sees_a_read_of_a_model_value_and_not_of_a_host_draw():
@@ -113,8 +123,12 @@ def test_steady_state_encode_and_decode_run_on_meta_tensors(dtype, options):
     accumulator = comp.stats[site].accumulator  # the step's statistics, until step()
     assert accumulator.device.type == "meta" and accumulator.dtype == torch.float32
     assert comp.stats[site].encoded == 2
+    # The guarded policy off the CPU leaves its test on the device too: no read, one check kept for update()
     guarded = steady_compressor(LowRankChain(d).to(dtype), low_rank_input(128, d, 4).to(dtype), **options)
     guarded.sites[site].basis = guarded.sites[site].basis.to("meta")
+    assert guarded.encode(x, site).decode().device.type == "meta"
+    assert [c.device.type for c in guarded.stats[site].checks] == ["meta"]
+    guarded.defer_guard = False  # the CPU's way, forced: it reads the tensor's own fidelity, which meta cannot
     with pytest.raises(RuntimeError, match="meta"):
         guarded.encode(x, site)
 

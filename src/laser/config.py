@@ -188,9 +188,13 @@ class LaserConfig(RankedFilter):
             estimate of ``X^T X Q`` up to a scale the orthonormalisation removes.
         policy: ``"paper"`` follows Algorithm 1; ``"guarded"`` also stores raw any tensor whose own
             fidelity is below ``threshold`` (or not finite), so no reconstruction is worse than the
-            threshold. Deciding that reads one number back per stored tensor: on an accelerator
-            ``"guarded"`` waits for the device once per tensor, ``"paper"`` never does during the forward
-            (a non-finite tensor is then stored as its codes and the step's statistics are dropped).
+            threshold. On the CPU that test reads each tensor's fidelity (there is no device to wait for). On
+            an accelerator a read would wait for the device once per tensor, so the tests stay on the device
+            until :meth:`~laser.Compressor.step` reads them all at once, and the tensor at the same position
+            (recursion step) of the next training step is stored raw where the test failed: a position's first
+            step under the threshold is stored as codes. Neither policy waits for the device during the forward
+            on an accelerator (under ``"paper"`` a non-finite tensor is stored as its codes and the step's
+            statistics are dropped).
         matmul_dtype: ``"auto"`` projects, accumulates and reconstructs bf16 activations with bf16 matmuls
             (fp32 accumulation inside each matmul, fp32 fidelity sums, the tracked basis kept in fp32 and
             cast once per step) and everything else in fp32; ``"float32"`` upcasts every activation to

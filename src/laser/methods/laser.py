@@ -43,6 +43,9 @@ class SiteState:
             stored raw, no longer tracked.
         fidelity: the last step's tracking fidelity ``||Z||/||X||`` over all of its coded tensors.
         nonfinite_steps: steps whose statistics were dropped because an activation was not finite.
+        weak: positions (the order of a step's tracked tensors at the site: its recursion steps) whose own
+            fidelity was under the threshold, or not finite, in the last step that checked them without
+            reading the device (the guarded policy on an accelerator); those positions are stored raw.
     """
 
     dim: int
@@ -56,6 +59,7 @@ class SiteState:
     untracked: bool = False
     fidelity: float = 1.0
     nonfinite_steps: int = 0
+    weak: tuple[int, ...] = ()
 
 
 @dataclass
@@ -71,6 +75,8 @@ class StepStats:
         tracked: fidelity sums of every tensor coded for tracking (the guard's refusals too).
         stored: fidelity sums of what backward gets back (after int8 rounding).
         sample, sample_keys: the step's uniform row sample (expansion and reset rows).
+        checks: the guarded policy's per-tensor test left on the device (``||Z||^2 < threshold^2 ||X||^2``,
+            or not finite), one 0-d bool per tracked tensor in order, read once in :meth:`Compressor.update`.
     """
 
     encoded: int = 0
@@ -82,6 +88,7 @@ class StepStats:
     stored: CosineSums = field(default_factory=CosineSums)
     sample: torch.Tensor | None = None
     sample_keys: torch.Tensor | None = None
+    checks: list[torch.Tensor] = field(default_factory=list)
 
     def nbytes(self) -> int:
         """LASER's own bytes for the site during the step: accumulator, row sample and keys, and the fp32
@@ -143,6 +150,9 @@ class Compressor(ActivationMethod):
         # Draws of the basis updates (random completions, randomized SVDs) come from their own generator:
         # every data-parallel rank makes the same updates in the same order, whatever its own data drew.
         self.update_generator = torch.Generator().manual_seed(config.seed + 1)
+        # None: the guarded policy's per-tensor test is left on the device for accelerator tensors only (a
+        # read there waits for the device); True / False force it either way (the tests use True on a CPU).
+        self.defer_guard: bool | None = None
 
     @property
     def factored_linears(self) -> bool:
@@ -178,7 +188,7 @@ class Compressor(ActivationMethod):
         stats.rank = rank
         self._accumulate(state, stats, xc, projected)
         stats.tracked.add(codes_sq, x_sq, codes_sq)
-        if not self._guard_passes(codes_sq, x_sq):  # the only read of a device value during the forward
+        if not self._guard_passes(state, stats, codes_sq, x_sq):
             return Reason.GUARD
         return self._store(stats, codes, tracked[:, :rank], x, x_sq, codes_sq, shared=tracked)
 
@@ -215,7 +225,7 @@ class Compressor(ActivationMethod):
         codes_sq = squared_norm(codes)
         stats.rank = rank
         stats.tracked.add(codes_sq, x_sq, codes_sq)
-        if not self._guard_passes(codes_sq, x_sq):
+        if not self._guard_passes(state, stats, codes_sq, x_sq):
             return Reason.GUARD
         return self._store(stats, codes, basis, x, x_sq, codes_sq)
 
@@ -239,11 +249,27 @@ class Compressor(ActivationMethod):
             stats.casts[dtype] = state.basis.to(dtype)
         return stats.casts[dtype]
 
-    def _guard_passes(self, codes_sq: torch.Tensor, x_sq: torch.Tensor) -> bool:
+    def _guard_passes(self, state: SiteState, stats: StepStats, codes_sq: torch.Tensor, x_sq: torch.Tensor) -> bool:
         """Whether a tensor may be stored as codes: always under ``"paper"``; under ``"guarded"`` when its
-        fidelity reaches the threshold, tested as ``||Z||^2 >= threshold^2 ||X||^2`` (which NaN fails)."""
+        fidelity reaches the threshold, tested as ``||Z||^2 >= threshold^2 ||X||^2`` (which NaN fails).
+
+        On the CPU the test reads the tensor's own fidelity (nothing to wait for). On an accelerator that read
+        would wait for the device once per tensor, so the test stays there, read for all sites at once in
+        :meth:`update`, and the tensor at the same position of the next step is stored raw where this one
+        failed (:attr:`SiteState.weak`): a position's first step under the threshold is stored as codes.
+        """
         cfg = self.config
-        return cfg.policy != "guarded" or bool(codes_sq >= cfg.threshold**2 * x_sq)
+        if cfg.policy != "guarded":
+            return True
+        if not self._defers_guard(codes_sq):
+            return bool(codes_sq >= cfg.threshold**2 * x_sq)
+        position = len(stats.checks)
+        stats.checks.append(~(codes_sq >= cfg.threshold**2 * x_sq))  # stays on the device
+        return position not in state.weak
+
+    def _defers_guard(self, value: torch.Tensor) -> bool:
+        """Whether the guard's test of ``value`` is left on the device (:meth:`_guard_passes`)."""
+        return value.device.type != "cpu" if self.defer_guard is None else self.defer_guard
 
     def _accumulate(self, state: SiteState, stats: StepStats, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Add one tensor to the step's statistics: ``M += X^T Z`` (fp32, Z over every tracked column) and the
@@ -286,6 +312,7 @@ class Compressor(ActivationMethod):
             self._synchronize()
         live = [(site, state, self.stats[site]) for site, state in self.sites.items()
                 if site in self.stats and not state.frozen and not state.untracked]
+        self._read_checks([(state, stats) for _, state, stats in live])
         measured = [stats for _, state, stats in live if state.basis is not None and stats.accumulator is not None]
         sums = dict(zip(map(id, measured), read_sums([stats.tracked for stats in measured]), strict=True))
         powers = [(state, stats) for site, state, stats in live
@@ -295,6 +322,20 @@ class Compressor(ActivationMethod):
             for _ in range(cfg.power_iters - 1):
                 basis = subspace.power_step(stats.sample.T @ (stats.sample @ basis))
             state.basis, state.low_steps, state.resets_in_a_row = basis, 0, 0
+
+    @staticmethod
+    def _read_checks(sites: list[tuple[SiteState, StepStats]]) -> None:
+        """The step's deferred guard tests, every site's at once (one read): the positions each site stores
+        raw next step."""
+        checked = [(state, stats.checks) for state, stats in sites if stats.checks]
+        if not checked:
+            return
+        device = checked[0][1][0].device
+        failed = torch.stack([c.to(device) for _, checks in checked for c in checks]).tolist()
+        start = 0
+        for state, checks in checked:
+            state.weak = tuple(i for i, bad in enumerate(failed[start : start + len(checks)]) if bad)
+            start += len(checks)
 
     def clear_step(self) -> None:
         self.stats = {}

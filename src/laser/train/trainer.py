@@ -21,6 +21,8 @@ processes, and rank 0 writes checkpoints that any number of processes can resume
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import os
@@ -112,6 +114,25 @@ def reset_peak_memory(device: torch.device) -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> None:
+    """Hand the heap freed so far back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    Evaluation and the gradient probes grow the heap; glibc keeps what they free, so without this the RSS a
+    training step starts from, and :func:`reset_peak_memory` resets to, still holds their memory.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> object:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -523,7 +544,8 @@ class Trainer:
                 self.history["train"].append({k: v for k, v in metrics.items() if k != "sites"}
                                              | {"ranks": {k: v["rank"] for k, v in metrics["sites"].items()}})
                 self._log(metrics)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            evaluated = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+            if evaluated:
                 evaluation = self.evaluate(cfg.eval_count)
                 self.history["eval"].append(evaluation)
                 self._log({"eval": evaluation, "step": self.step})
@@ -531,6 +553,8 @@ class Trainer:
                 probe = self.gradient_probe()
                 self.history["grad_cosine"].append(probe)
                 self._log({"grad_cosine": probe, "step": self.step})
+            if evaluated or self.step in self.probe_steps:
+                release_freed_memory()  # the next step's peak starts from what training holds, not from theirs
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.out_dir is not None:
                 self.save()
             bar.update(1)
