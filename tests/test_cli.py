@@ -74,6 +74,12 @@ def test_compare_resume_reuses_only_runs_finished_with_the_same_settings(tmp_pat
     assert "1 run(s) reused" in (out / "report.md").read_text()
     relative = [a if a != str(out) else os.path.relpath(out) for a in args]  # the same folder by another path
     assert "resume: 1 of 1 run(s) already finished" in run_cli([*relative, "--resume"], capsys)[1]
+    config_path = out / "runs" / "none" / "seed100" / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["data"]["curriculum_epochs"]  # a run saved before this setting existed: its default then
+    config_path.write_text(json.dumps(saved))
+    assert "resume: 1 of 1 run(s) already finished" in run_cli([*args, "--resume"], capsys)[1]
+    assert result.stat().st_mtime_ns == stamp
     code, stdout, _ = run_cli([*args, "--resume", "--set", "lr=1e-4"], capsys)  # other settings: retrained
     assert code == 0 and "resume: 0 of 1 run(s)" in stdout
     assert json.loads((out / "runs" / "none" / "seed100" / "config.json").read_text())["lr"] == 1e-4

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -231,6 +232,24 @@ def test_batch_stream_covers_each_epoch_and_repeats_for_deep_supervision():
     other.load_state_dict({"epoch": 1, "index": 0, "sup": 0})
     assert torch.equal(other.next()[0], first)
     assert not torch.equal(torch.from_numpy(stream.order(0)), torch.from_numpy(stream.order(1)))
+
+
+def test_a_curriculum_hands_out_the_easiest_first_then_random_epochs_and_resumes():
+    inputs = torch.arange(12).unsqueeze(1).numpy()
+    difficulty = np.array([5, 0, 3, 3, 1, 9, 2, 7, 3, 0, 6, 4])
+    stream = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3, difficulty=difficulty, curriculum_epochs=1)
+    first = [stream.next()[0][:, 0].tolist() for _ in range(3)]
+    order = [i for rows in first for i in rows]
+    assert sorted(order) == list(range(12)) and list(difficulty[order]) == sorted(difficulty)  # easiest first
+    plain = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3)
+    ties = [i for i in order if difficulty[i] == 3]  # equal difficulty keeps the epoch's random order
+    assert ties == [i for i in plain.order(0) if difficulty[i] == 3]
+    assert np.array_equal(stream.order(1), plain.order(1))  # after the curriculum: the usual random epochs
+    resumed = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3, difficulty=difficulty, curriculum_epochs=1)
+    resumed.load_state_dict({"epoch": 0, "index": 1, "sup": 0})
+    assert resumed.next()[0][:, 0].tolist() == first[1]
+    with pytest.raises(ValueError, match="data.curriculum_epochs=-1"):
+        apply_overrides(train_preset("tiny"), ["data.curriculum_epochs=-1"])
 
 
 def test_peak_memory_is_at_least_a_tensor_we_hold():

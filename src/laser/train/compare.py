@@ -32,6 +32,7 @@ from laser.train import tasks
 from laser.train.config import (
     MethodSpec,
     TrainConfig,
+    config_from_dict,
     config_to_dict,
     parse_method_spec,
     result_relevant,
@@ -89,7 +90,11 @@ def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
     config_path, result_path = run_dir / "config.json", run_dir / "result.json"
     if not (config_path.is_file() and result_path.is_file()):
         return None
-    saved = result_relevant(json.loads(config_path.read_text()))
+    try:  # through the config classes: a setting added since the run was saved takes its default
+        saved = result_relevant(json.loads(json.dumps(config_to_dict(config_from_dict(json.loads(
+            config_path.read_text()))))))
+    except (ValueError, TypeError):
+        return None
     planned = result_relevant(json.loads(json.dumps(config_to_dict(cfg))))  # tuples as JSON lists, like saved
     return json.loads(result_path.read_text()) if saved == planned else None
 

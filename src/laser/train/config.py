@@ -61,6 +61,8 @@ class DataConfig:
         min_path: minimum number of PATH cells of a maze (0 keeps mazes whose start touches the goal).
         seed: seed of the maze generator; the same for every method and training seed of a comparison.
         cache_dir: where the generated split is cached as .npz (None: regenerate every time).
+        curriculum_epochs: the first this-many epochs hand out the training mazes shortest path first (ties
+            in the epoch's seeded random order); later epochs are random. The validation split is untouched.
     """
 
     size: int = 11
@@ -69,6 +71,7 @@ class DataConfig:
     min_path: int = 0
     seed: int = 0
     cache_dir: str | None = None
+    curriculum_epochs: int = 0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.size) and self.size >= 5 and self.size % 2 == 1, "data.size", self.size,
@@ -81,6 +84,8 @@ class DataConfig:
                  "data.min_path", self.min_path,
                  f"must be an integer in [0, {maze.max_path_length(self.size)}] for data.size={self.size}")
         _require(_is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "must be an integer >= 0")
+        _require(_is_int(self.curriculum_epochs) and self.curriculum_epochs >= 0, "data.curriculum_epochs",
+                 self.curriculum_epochs, "must be an integer >= 0 (0: every epoch in random order)")
 
 
 @dataclass

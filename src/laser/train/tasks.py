@@ -151,7 +151,9 @@ class MazeTask:
 
         d = cfg.data
         split = maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
-        stream = BatchStream(split.train_inputs, split.train_targets, cfg.batch, cfg.model.n_sup, cfg.seed)
+        path_cells = (split.train_targets == maze.PATH).sum(axis=1)  # the curriculum's difficulty
+        stream = BatchStream(split.train_inputs, split.train_targets, cfg.batch, cfg.model.n_sup, cfg.seed,
+                             path_cells, d.curriculum_epochs)
         trivial = maze.trivial_solve_rate(split.val_inputs, split.val_targets)
         return TaskData(stream, torch.from_numpy(split.val_inputs).to(device),
                         torch.from_numpy(split.val_targets).to(device), {"trivial_solve_rate": trivial})

@@ -172,12 +172,16 @@ class BatchStream:
     """Training batches in a per-epoch order drawn from a generator seeded by ``(seed, epoch)``.
 
     The position (epoch, batch, supervision step) is all that is needed to resume, since each epoch's
-    permutation is recomputed from the seed. Every batch is handed out ``n_sup`` times in a row.
+    permutation is recomputed from the seed. Every batch is handed out ``n_sup`` times in a row. With
+    ``difficulty`` (one number per example), the first ``curriculum_epochs`` epochs hand out the easiest first:
+    the epoch's permutation, stably sorted by difficulty.
     """
 
-    def __init__(self, inputs: np.ndarray, targets: np.ndarray, batch: int, n_sup: int, seed: int) -> None:
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray, batch: int, n_sup: int, seed: int,
+                 difficulty: np.ndarray | None = None, curriculum_epochs: int = 0) -> None:
         self.inputs, self.targets = torch.from_numpy(inputs), torch.from_numpy(targets)
         self.batch, self.n_sup, self.seed = batch, n_sup, seed
+        self.difficulty, self.curriculum_epochs = difficulty, curriculum_epochs if difficulty is not None else 0
         self.batches = len(inputs) // batch
         self.epoch = self.index = self.sup = 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
@@ -185,8 +189,10 @@ class BatchStream:
     def order(self, epoch: int) -> np.ndarray:
         """The permutation of the training mazes used in ``epoch``."""
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
-            self._order_epoch = epoch
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
+            if epoch < self.curriculum_epochs:
+                order = order[np.argsort(self.difficulty[order], kind="stable")]
+            self._order, self._order_epoch = order, epoch
         return self._order
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
