@@ -177,6 +177,18 @@ def test_site_ranks_give_each_site_its_own_rank_and_bytes(name):
     assert stored[f"first/mm:{d}"] == n * 4 * 4 + d * 4 * 4
     if name in ("laser", "oracle"):  # a rank-8 input: rank 8 holds it exactly, the data-blind sketch does not
         assert report.site(f"first/input:{d}").fidelity > 0.9999
+        # every site of the chain at rank 8 by its entry (the default stays 4): exact, the twin's gradient
+        exact = laser.methods.build(name, copy.deepcopy(model), rank=4, site_ranks="first/*=8;second/*=8",
+                                    min_numel=0, **({"max_rank": 8} if name == "laser" else {}))
+        expected = twin_grads(exact.model, x)
+        for _ in range(2):
+            exact.model.zero_grad()
+            with exact:
+                loss = loss_of(exact.model, x)
+            loss.backward()
+            exact.step()
+        for a, b in zip(grads(exact.model), expected, strict=True):
+            assert (a - b).norm() <= 1e-4 * b.norm()
 
 
 def test_weight_tied_block_gives_one_site_per_module_and_width():
@@ -350,11 +362,18 @@ def test_a_deferred_guard_stores_raw_from_the_step_after_a_position_fails_until_
     site = f"Linear/input:{d}"
     low, full = low_rank_input(n, d, 4), torch.randn(n, d)  # rank 4 holds low exactly, full not at all
 
+    twin = copy.deepcopy(model)
+
     def step(x: torch.Tensor) -> tuple[dict, float]:
+        model.zero_grad()
         with comp:
             model(x).square().mean().backward()
         comp.step()
         row = comp.report().site(site)
+        if row.reasons == {"guard": 1}:  # stored raw: the gradient is the hook-free twin's, bit for bit
+            twin.zero_grad()
+            twin(x).square().mean().backward()
+            assert torch.equal(model.weight.grad, twin.weight.grad)
         return row.reasons, row.fidelity
 
     for _ in range(2):

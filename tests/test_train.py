@@ -1,10 +1,12 @@
 """Tests for laser.train: config validation and overrides, metrics, schedule, data order, exact resume,
 corrupt checkpoints, every method through the same loop, the gradient probe, the comparison statistics."""
 
+import ctypes
 import dataclasses
 import importlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -33,7 +35,13 @@ from laser.train import (
     with_method,
 )
 from laser.train.config import parse_literal
-from laser.train.trainer import BatchStream, WarmupCosine, peak_memory_bytes, reset_peak_memory
+from laser.train.trainer import (
+    BatchStream,
+    WarmupCosine,
+    peak_memory_bytes,
+    release_freed_memory,
+    reset_peak_memory,
+)
 
 # laser.train re-exports the compare() function under the module's name.
 compare_mod = importlib.import_module("laser.train.compare")
@@ -273,6 +281,21 @@ def test_the_step_peak_leaves_out_what_the_probes_allocate(monkeypatch):
     result = Trainer(apply_overrides(train_preset("tiny"), ["grad_probe_at=(0.5,)"])).train()
     assert result["peak_memory_bytes"] - result["peak_step_memory_bytes"] > big * 0.9
     assert result["peak_step_memory_bytes"] > 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim") or not os.path.exists("/proc/self/status"),
+                    reason="no glibc malloc_trim or no /proc here: release_freed_memory does nothing")
+def test_release_freed_memory_hands_the_freed_heap_back():
+    small = [torch.ones(8192) for _ in range(8000)]  # 32 KiB each: the heap, under glibc's mmap threshold
+    del small  # freed, but glibc keeps the pages: RSS stays up
+    kept = _rss_bytes()
+    release_freed_memory()
+    assert kept - _rss_bytes() > 200 * 2**20  # most of the 250 MiB are back with the OS
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -7,6 +7,7 @@ field, the value and what is allowed, so a bad setting fails before any training
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, fields
 
 
@@ -103,10 +104,9 @@ def _patterns(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-
 def _site_ranks(value: object) -> tuple[str, ...]:
     """``site_ranks`` as a tuple of ``"pattern=rank"`` entries (one string: entries separated by ';')."""
-    entries = value.split(";") if isinstance(value, str) else value
+    entries = (value,) if isinstance(value, str) else value
     _require(isinstance(entries, (tuple, list)) and all(isinstance(e, str) for e in entries), "site_ranks", value,
              "must be 'pattern=rank' entries, e.g. ('*mlp.down*=64',) or one string '*mlp.down*=64;*attn*=16'")
     parsed = []
@@ -141,16 +141,20 @@ class RankedFilter(SiteFilter):
 
     def rank_for(self, site: str) -> int:
         """The rank ``site`` codes with: its first matching ``site_ranks`` entry, else ``rank``."""
-        for entry in self.site_ranks:
-            pattern, _, rank = entry.rpartition("=")
-            if fnmatch.fnmatchcase(site, pattern):
-                return int(rank)
-        return self.rank
+        entries = _rank_entries(self.site_ranks)
+        return next((rank for pattern, rank in entries if fnmatch.fnmatchcase(site, pattern)), self.rank)
 
     @property
     def largest_rank(self) -> int:
         """The largest rank any site may start at (``rank`` or a ``site_ranks`` entry)."""
-        return max([self.rank, *(int(e.rpartition("=")[2]) for e in self.site_ranks)])
+        return max([self.rank, *(rank for _, rank in _rank_entries(self.site_ranks))])
+
+
+@functools.cache
+def _rank_entries(site_ranks: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """Validated ``site_ranks`` as ``(pattern, rank)`` pairs in order, parsed once per distinct tuple."""
+    return tuple((pattern, int(rank)) for pattern, _, rank in (e.rpartition("=") for e in site_ranks))
+
 
 @dataclass
 class NoneConfig(SiteFilter):

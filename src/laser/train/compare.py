@@ -91,12 +91,15 @@ def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
     if not (config_path.is_file() and result_path.is_file()):
         return None
     try:  # through the config classes: a setting added since the run was saved takes its default
-        saved = result_relevant(json.loads(json.dumps(config_to_dict(config_from_dict(json.loads(
-            config_path.read_text()))))))
+        saved = config_from_dict(json.loads(config_path.read_text()))
     except (ValueError, TypeError):
         return None
-    planned = result_relevant(json.loads(json.dumps(config_to_dict(cfg))))  # tuples as JSON lists, like saved
-    return json.loads(result_path.read_text()) if saved == planned else None
+    return json.loads(result_path.read_text()) if _comparable(saved) == _comparable(cfg) else None
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """What decides a run's result, as plain JSON data (tuples as lists, as a saved config has them)."""
+    return result_relevant(json.loads(json.dumps(config_to_dict(cfg))))
 
 
 def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0) -> dict:
