@@ -242,20 +242,29 @@ def test_batch_stream_covers_each_epoch_and_repeats_for_deep_supervision():
     assert not torch.equal(torch.from_numpy(stream.order(0)), torch.from_numpy(stream.order(1)))
 
 
-def test_a_curriculum_hands_out_the_easiest_first_then_random_epochs_and_resumes():
-    inputs = torch.arange(12).unsqueeze(1).numpy()
-    difficulty = np.array([5, 0, 3, 3, 1, 9, 2, 7, 3, 0, 6, 4])
-    stream = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3, difficulty=difficulty, curriculum_epochs=1)
-    first = [stream.next()[0][:, 0].tolist() for _ in range(3)]
-    order = [i for rows in first for i in rows]
-    assert sorted(order) == list(range(12)) and list(difficulty[order]) == sorted(difficulty)  # easiest first
-    plain = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3)
-    ties = [i for i in order if difficulty[i] == 3]  # equal difficulty keeps the epoch's random order
-    assert ties == [i for i in plain.order(0) if difficulty[i] == 3]
-    assert np.array_equal(stream.order(1), plain.order(1))  # after the curriculum: the usual random epochs
-    resumed = BatchStream(inputs, inputs, batch=4, n_sup=1, seed=3, difficulty=difficulty, curriculum_epochs=1)
-    resumed.load_state_dict({"epoch": 0, "index": 1, "sup": 0})
-    assert resumed.next()[0][:, 0].tolist() == first[1]
+def test_a_paced_curriculum_draws_from_a_growing_pool_of_the_easiest_then_random_epochs_and_resumes():
+    n, batch, epochs = 200, 8, 2
+    inputs = np.arange(n).reshape(n, 1)
+    difficulty = np.random.default_rng(0).permutation(n)  # all distinct: the easiest pool is known exactly
+    stream = BatchStream(inputs, inputs, batch=batch, n_sup=1, seed=3, difficulty=difficulty,
+                         curriculum_epochs=epochs)
+    total = epochs * (n // batch)
+    seen = [stream.next()[0][:, 0].numpy() for _ in range(total)]
+    for t, rows in enumerate(seen):
+        pool = max(batch, math.ceil((0.01 + 0.99 * t / total) * n))  # hand-computed linear pacing
+        assert len(set(rows.tolist())) == batch and difficulty[rows].max() < pool  # the easiest `pool` only
+    assert set(seen[0].tolist()) == set(np.argsort(difficulty)[:batch].tolist())  # the first: the 8 easiest
+    assert difficulty[seen[-1]].max() > n / 2  # the last batches reach the hard half
+    plain = BatchStream(inputs, inputs, batch=batch, n_sup=1, seed=3)
+    assert np.array_equal(stream.order(epochs), plain.order(epochs))  # after it: the usual random epochs
+    assert np.array_equal(stream.next()[0][:, 0].numpy(), plain.order(epochs)[:batch])
+    resumed = BatchStream(inputs, inputs, batch=batch, n_sup=1, seed=3, difficulty=difficulty,
+                          curriculum_epochs=epochs)
+    resumed.load_state_dict({"epoch": 1, "index": 5, "sup": 0})
+    assert np.array_equal(resumed.next()[0][:, 0].numpy(), seen[n // batch + 5])
+    ties = [BatchStream(inputs, inputs, batch=batch, n_sup=1, seed=s, difficulty=np.zeros(n),
+                        curriculum_epochs=1).next()[0][:, 0].tolist() for s in range(3)]
+    assert len({tuple(sorted(t)) for t in ties}) == 3  # equal difficulty enters the pool in a seeded order
     with pytest.raises(ValueError, match="data.curriculum_epochs=-1"):
         apply_overrides(train_preset("tiny"), ["data.curriculum_epochs=-1"])
 

@@ -61,8 +61,10 @@ class DataConfig:
         min_path: minimum number of PATH cells of a maze (0 keeps mazes whose start touches the goal).
         seed: seed of the maze generator; the same for every method and training seed of a comparison.
         cache_dir: where the generated split is cached as .npz (None: regenerate every time).
-        curriculum_epochs: the first this-many epochs hand out the training mazes shortest path first (ties
-            in the epoch's seeded random order); later epochs are random. The validation split is untouched.
+        curriculum_epochs: the first this-many epochs are a paced curriculum: each batch is drawn from the
+            training mazes with the fewest PATH cells, a pool growing linearly from 1% of them to all of them
+            over those epochs (:class:`~laser.train.trainer.BatchStream`); later epochs are random
+            permutations. The validation split is untouched.
     """
 
     size: int = 11

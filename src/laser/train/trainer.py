@@ -168,36 +168,58 @@ class WarmupCosine:
 
 
 # ------------------------------------------------------------------------------------------------ data
+CURRICULUM_START = 0.01  # the share of the easiest examples a paced curriculum starts from
+
+
+def curriculum_pool(progress: float) -> float:
+    """Share of the training examples, easiest first, a paced curriculum draws from at ``progress`` in [0, 1]
+    of its batches: linear from :data:`CURRICULUM_START` to 1."""
+    return CURRICULUM_START + (1 - CURRICULUM_START) * min(1.0, max(0.0, progress))
+
+
 class BatchStream:
     """Training batches in a per-epoch order drawn from a generator seeded by ``(seed, epoch)``.
 
     The position (epoch, batch, supervision step) is all that is needed to resume, since each epoch's
-    permutation is recomputed from the seed. Every batch is handed out ``n_sup`` times in a row. With
-    ``difficulty`` (one number per example), the first ``curriculum_epochs`` epochs hand out the easiest first:
-    the epoch's permutation, stably sorted by difficulty.
+    permutation, and each curriculum batch, is recomputed from the seed. Every batch is handed out ``n_sup``
+    times in a row. With ``difficulty`` (one number per example), the first ``curriculum_epochs`` epochs are a
+    paced curriculum: batch ``t`` of ``T`` of them is drawn (seeded by ``(seed, epoch, batch)``, without
+    replacement) from the easiest ``curriculum_pool(t / T)`` of the examples, a pool that grows linearly from
+    :data:`CURRICULUM_START` of them to all; examples of equal difficulty enter the pool in a seeded random order.
     """
 
     def __init__(self, inputs: np.ndarray, targets: np.ndarray, batch: int, n_sup: int, seed: int,
                  difficulty: np.ndarray | None = None, curriculum_epochs: int = 0) -> None:
         self.inputs, self.targets = torch.from_numpy(inputs), torch.from_numpy(targets)
         self.batch, self.n_sup, self.seed = batch, n_sup, seed
-        self.difficulty, self.curriculum_epochs = difficulty, curriculum_epochs if difficulty is not None else 0
+        self.curriculum_epochs = curriculum_epochs if difficulty is not None else 0
         self.batches = len(inputs) // batch
         self.epoch = self.index = self.sup = 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        if self.curriculum_epochs:
+            # (seed, 0, 0, 0): a key no epoch order (seed, epoch) or curriculum batch (seed, epoch, batch) uses
+            shuffled = np.random.default_rng((seed, 0, 0, 0)).permutation(len(inputs))
+            self._easiest = shuffled[np.argsort(np.asarray(difficulty)[shuffled], kind="stable")]
 
     def order(self, epoch: int) -> np.ndarray:
-        """The permutation of the training mazes used in ``epoch``."""
+        """The permutation of the training examples used in ``epoch`` (after the curriculum)."""
         if epoch != self._order_epoch:
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
-            if epoch < self.curriculum_epochs:
-                order = order[np.argsort(self.difficulty[order], kind="stable")]
-            self._order, self._order_epoch = order, epoch
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
+            self._order_epoch = epoch
         return self._order
+
+    def rows(self, epoch: int, index: int) -> np.ndarray:
+        """The training examples of batch ``index`` of ``epoch``."""
+        if epoch >= self.curriculum_epochs:
+            return self.order(epoch)[index * self.batch : (index + 1) * self.batch]
+        progress = (epoch * self.batches + index) / (self.curriculum_epochs * self.batches)
+        pool = max(self.batch, math.ceil(curriculum_pool(progress) * len(self._easiest)))
+        picks = np.random.default_rng((self.seed, epoch, index)).choice(pool, self.batch, replace=False)
+        return self._easiest[picks]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``(inputs, targets, epoch, sup)`` of the next optimizer step; ``sup == 0`` starts a batch."""
-        rows = self.order(self.epoch)[self.index * self.batch : (self.index + 1) * self.batch]
+        rows = self.rows(self.epoch, self.index)
         out = self.inputs[rows], self.targets[rows], self.epoch, self.sup
         self.sup += 1
         if self.sup == self.n_sup:
