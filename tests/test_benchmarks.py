@@ -374,3 +374,33 @@ def test_attention_prints_the_cosine_with_and_without_exact_qk(capsys):
     rows = table_rows(out, "| method | sites coded | gradient cosine | saved / site fidelity |")
     assert [r[0] for r in rows[:2]] == ["laser r8, exact_qk=True", "laser r8, exact_qk=False"]
     assert all(-1.0 <= float(r[2]) <= 1.0 for r in rows) and len(rows) > 2  # a row per coded site
+
+
+def test_maze_depth_bands_by_hand_and_its_own_depth_reproduces_the_final_evaluation(tmp_path):
+    import dataclasses
+
+    from laser.data import maze
+    from laser.train import Trainer, train_preset
+
+    maze_depth = load("maze_depth")
+    targets = torch.zeros(5, 40, dtype=torch.long)
+    for row, cells in enumerate([0, 3, 7, 12, 33]):  # PATH cells per maze
+        targets[row, :cells] = maze.PATH
+    bands = maze_depth.bands_of(targets)
+    assert [(label, mask.nonzero().flatten().tolist()) for label, mask in bands] == [
+        ("0-4", [0, 1]), ("5-9", [2]), ("10-19", [3]), ("30-33", [4])]  # 20-29 is empty: left out
+    assert maze_depth.parse_depth("12x2") == (12, 2)
+    for bad in ("12", "0x1", "ax1"):
+        with pytest.raises(ValueError, match="use L_CYCLESxN_SUP|must be >= 1"):
+            maze_depth.parse_depth(bad)
+
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(train_preset("tiny"), max_steps=3, eval_every=0, grad_probe_at=(), out_dir=str(run))
+    result = Trainer(cfg).train()
+    own = (cfg.model.L_cycles, cfg.model.n_sup)
+    step, header, rows = maze_depth.evaluate(str(run), [own, (own[0] + 1, 1)])
+    assert step == result["steps"]  # the final checkpoint's weights
+    assert [r[0] for r in rows] == [f"{own[0]}x{own[1]} (trained)", f"{own[0] + 1}x1"]  # own once, first
+    assert rows[0][2] == f"{100 * result['final']['solve_rate']:.1f}%"  # the trainer's final evaluation
+    assert rows[0][1] == f"{100 * result['final']['token_acc']:.2f}%"
+    assert all(len(r) == len(header) for r in rows) and header[3].startswith("path 0-4 (")
