@@ -336,3 +336,36 @@ def test_render_png(tmp_path):
     maze.render_png(str(compared), inputs[1], 11, prediction=pred, title="all path cells missed")
     assert compared.read_bytes()[:8] == PNG_MAGIC
     assert compared.stat().st_size > 1000
+
+
+def test_add_training_mazes_keeps_the_validation_split_and_drops_any_maze_equal_to_a_validation_one():
+    split = maze.load_split(size=5, count=60, val_count=20, seed=1)  # 5x5: few distinct mazes, so repeats happen
+    extended = maze.add_training_mazes(split, 200)
+    np.testing.assert_array_equal(extended.val_inputs, split.val_inputs)
+    np.testing.assert_array_equal(extended.val_targets, split.val_targets)
+    np.testing.assert_array_equal(extended.train_inputs[:40], split.train_inputs)
+    drawn_inputs, drawn_targets = maze.generate(200, size=5, seed=1 + 2**63)  # the extra stream, by hand
+    held_out = {row.tobytes() for row in split.val_inputs}
+    keep = np.array([row.tobytes() not in held_out for row in drawn_inputs])
+    assert 0 < keep.sum() < 200  # some drawn mazes equal validation ones: dropped
+    np.testing.assert_array_equal(extended.train_inputs[40:], drawn_inputs[keep])
+    np.testing.assert_array_equal(extended.train_targets[40:], drawn_targets[keep])
+    assert not {row.tobytes() for row in extended.train_inputs[40:]} & held_out
+    assert maze.add_training_mazes(split, 0) is split
+    with pytest.raises(ValueError, match="extra"):
+        maze.add_training_mazes(split, -1)
+
+
+def test_data_extra_train_grows_the_training_set_with_the_same_validation_mazes():
+    import torch
+
+    from laser.train import apply_overrides, train_preset
+    from laser.train.tasks import get
+
+    base = train_preset("tiny")
+    plain = get("maze").load(base, torch.device("cpu"))
+    more = get("maze").load(apply_overrides(base, ["data.extra_train=64"]), torch.device("cpu"))
+    assert torch.equal(more.val_inputs, plain.val_inputs) and torch.equal(more.val_targets, plain.val_targets)
+    assert len(plain.stream.inputs) < len(more.stream.inputs) <= len(plain.stream.inputs) + 64
+    with pytest.raises(ValueError, match="data.extra_train=-1"):
+        apply_overrides(base, ["data.extra_train=-1"])

@@ -23,7 +23,7 @@ import os
 import tempfile
 import zipfile
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ _PAIR_CHUNK = 4_000_000
 # Rounds of re-carved mazes before giving up on a `min_path` that is feasible but too rare.
 _MAX_RECARVES = 1_000
 _CACHE_VERSION = 1
+# Extra training mazes (`add_training_mazes`) draw from generator seed `seed + _EXTRA_STREAM`: a stream no
+# split's own seed reaches in practice.
+_EXTRA_STREAM = 2**63
 
 _ASCII = {WALL: "#", PASSAGE: " ", START: "S", GOAL: "G", PATH: "*"}
 
@@ -484,6 +487,21 @@ def _read_cache(path: Path, size: int, count: int, val_count: int, seed: int) ->
         if arr.shape != (rows, size * size) or arr.dtype != np.int64:
             return None
     return MazeSplit(**arrays, size=size, seed=seed)
+
+
+def add_training_mazes(split: MazeSplit, extra: int, min_path: int = 0) -> MazeSplit:
+    """``split`` with ``extra`` more training mazes, drawn from their own seeded stream (generator seed
+    ``split.seed + 2**63``), so the validation split stays exactly the one ``load_split`` made. A drawn maze
+    whose input equals a validation maze's is dropped (no leak), so a few fewer than ``extra`` may be added.
+    """
+    _check_count("extra", extra, 0)
+    if extra == 0:
+        return split
+    inputs, targets = generate(extra, size=split.size, seed=split.seed + _EXTRA_STREAM, min_path=min_path)
+    held_out = {row.tobytes() for row in split.val_inputs}
+    keep = np.array([row.tobytes() not in held_out for row in inputs], dtype=bool)
+    return replace(split, train_inputs=np.concatenate([split.train_inputs, inputs[keep]]),
+                   train_targets=np.concatenate([split.train_targets, targets[keep]]))
 
 
 def load_split(

@@ -65,6 +65,9 @@ class DataConfig:
             training mazes with the fewest PATH cells, a pool growing linearly from 1% of them to all of them
             over those epochs (:class:`~laser.train.trainer.BatchStream`); later epochs are random
             permutations. The validation split is untouched.
+        extra_train: training mazes added beyond the split, from their own seeded stream
+            (:func:`~laser.data.maze.add_training_mazes`): more training data with the same validation mazes,
+            which a larger ``count`` would redraw. Any equal to a validation maze is dropped.
     """
 
     size: int = 11
@@ -74,6 +77,7 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None
     curriculum_epochs: int = 0
+    extra_train: int = 0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.size) and self.size >= 5 and self.size % 2 == 1, "data.size", self.size,
@@ -88,6 +92,8 @@ class DataConfig:
         _require(_is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "must be an integer >= 0")
         _require(_is_int(self.curriculum_epochs) and self.curriculum_epochs >= 0, "data.curriculum_epochs",
                  self.curriculum_epochs, "must be an integer >= 0 (0: every epoch in random order)")
+        _require(_is_int(self.extra_train) and self.extra_train >= 0, "data.extra_train", self.extra_train,
+                 "must be an integer >= 0 (0: the split's own training mazes only)")
 
 
 @dataclass

@@ -151,6 +151,7 @@ class MazeTask:
 
         d = cfg.data
         split = maze.load_split(d.size, d.count, d.val_count, d.seed, d.min_path, d.cache_dir)
+        split = maze.add_training_mazes(split, d.extra_train, d.min_path)
         path_cells = (split.train_targets == maze.PATH).sum(axis=1)  # the curriculum's difficulty
         stream = BatchStream(split.train_inputs, split.train_targets, cfg.batch, cfg.model.n_sup, cfg.seed,
                              path_cells, d.curriculum_epochs)
