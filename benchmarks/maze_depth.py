@@ -22,7 +22,7 @@ import torch
 from common import markdown_table, set_threads
 from laser.analysis.analyze import build_model, load_run, validation_data
 from laser.data import maze
-from laser.train.trainer import solve_rate, token_accuracy
+from laser.train.trainer import token_accuracy
 
 BANDS = (0, 5, 10, 20, 30)  # lower edges of the path-length bands (PATH cells)
 
@@ -66,7 +66,7 @@ def evaluate(run_dir: str, depths: Sequence[tuple[int, int]], batch: int = 128) 
         solved = (predictions == targets).all(dim=1).float()
         rows.append([f"{cycles}x{sup}" + (" (trained)" if (cycles, sup) == own else ""),
                      f"{100 * token_accuracy(predictions, targets):.2f}%",
-                     f"{100 * solve_rate(predictions, targets):.1f}%",
+                     f"{100 * float(solved.mean()):.1f}%",
                      *(f"{100 * float(solved[mask].mean()):.1f}%" for _, mask in bands)])
     header = ["L_cycles x n_sup", "val token acc", "val solve rate",
               *(f"path {label} ({int(mask.sum())})" for label, mask in bands)]

@@ -404,3 +404,13 @@ def test_maze_depth_bands_by_hand_and_its_own_depth_reproduces_the_final_evaluat
     assert rows[0][2] == f"{100 * result['final']['solve_rate']:.1f}%"  # the trainer's final evaluation
     assert rows[0][1] == f"{100 * result['final']['token_acc']:.2f}%"
     assert all(len(r) == len(header) for r in rows) and header[3].startswith("path 0-4 (")
+
+
+def test_maze_depth_rejects_a_text_run_and_a_malformed_depth(monkeypatch, capsys):
+    maze_depth = load("maze_depth")
+    monkeypatch.setattr(maze_depth, "load_run", lambda path: SimpleNamespace(config=SimpleNamespace(task="text")))
+    with pytest.raises(ValueError, match="trained the 'text' task; maze_depth.py reads maze runs"):
+        maze_depth.evaluate("runs/text", [])
+    with pytest.raises(SystemExit):
+        maze_depth.main(["runs/any", "--depths", "12by2"])
+    assert "--depths entry '12by2' is invalid: use L_CYCLESxN_SUP" in capsys.readouterr().err
