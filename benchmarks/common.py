@@ -218,7 +218,8 @@ class MethodSpec:
     """A method as the benchmarks name it: a ``laser.methods`` name with options, and how the block recomputes.
 
     ``name=None`` is the bare model: no saved-tensor hooks at all (what ``none``'s plumbing costs).
-    ``checkpoint``: ``TRMConfig(checkpoint=True)``, each block-stack call recomputed in backward.
+    ``checkpoint``: ``TRMConfig(checkpoint=True)``, each block-stack call recomputed in backward; ``"coded"``:
+    also ``coded_recompute=True`` (``laser.checkpoint``: the method stores the recomputed activations).
     ``recompute``: one of PyTorch's own options wrapped around the TRM block (see :func:`wrap_blocks`):
     ``"sac"`` (selective activation checkpointing: matmul and attention outputs saved, the rest recomputed)
     or ``"compile"`` (``torch.compile`` of the block with ``activation_memory_budget``).
@@ -227,7 +228,7 @@ class MethodSpec:
     label: str
     name: str | None = "none"
     options: dict = field(default_factory=dict)
-    checkpoint: bool = False
+    checkpoint: bool | str = False
     recompute: str | None = None
     memory_budget: float = 0.5
 
@@ -237,7 +238,7 @@ class MethodSpec:
         return self.options.get("rank")
 
 
-# variant -> (laser.methods name, options, takes a rank, recompute: None, "checkpoint", "sac" or "compile")
+# variant -> (laser.methods name, options, takes a rank, recompute: None, "checkpoint", "coded", "sac" or "compile")
 VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     "bare": (None, {}, False, None),
     "none": ("none", {}, False, None),
@@ -252,6 +253,9 @@ VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, None),
     "laser-recon": ("laser", {"factored": False}, True, None),  # every coded tensor reconstructed in backward
     "laser-int8+checkpoint": ("laser", {"quantize": "int8"}, True, "checkpoint"),
+    # laser.checkpoint: the recomputed block's activations stored as the method's codes too
+    "laser+coded-checkpoint": ("laser", {}, True, "coded"),
+    "laser-int8+coded-checkpoint": ("laser", {"quantize": "int8"}, True, "coded"),
     "quant8": ("quant", {"bits": 8}, False, None),
     "quant4": ("quant", {"bits": 4}, False, None),
     "checkpoint": ("none", {}, False, "checkpoint"),
@@ -279,7 +283,8 @@ def method_specs(variants: Sequence[str], ranks: Sequence[int], memory_budget: f
         if variant == "none":
             continue
         name, options, ranked, recompute = VARIANTS[variant]
-        ckpt, wrap = recompute == "checkpoint", recompute if recompute in ("sac", "compile") else None
+        ckpt = {"checkpoint": True, "coded": "coded"}.get(recompute, False)
+        wrap = recompute if recompute in ("sac", "compile") else None
         if ranked:
             specs += [MethodSpec(f"{variant} r{r}", name, {**options, "rank": r, "max_rank": max(512, r)}, ckpt,
                                  wrap, memory_budget) for r in ranks]
@@ -389,10 +394,11 @@ class Workload:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         self.trm_config()  # TRMConfig names the setting when a width or depth is impossible
 
-    def trm_config(self, checkpoint: bool = False) -> TRMConfig:
-        """The TRM of this shape: D / 64 heads, SwiGLU expansion 4, one block, one H cycle."""
+    def trm_config(self, checkpoint: bool | str = False) -> TRMConfig:
+        """The TRM of this shape: D / 64 heads, SwiGLU expansion 4, one block, one H cycle; ``checkpoint``:
+        see :class:`MethodSpec`."""
         return TRMConfig(hidden=self.dim, heads=max(1, self.dim // HEAD_DIM), L_cycles=self.depth,
-                         seq_len=self.maze**2, checkpoint=checkpoint)
+                         seq_len=self.maze**2, checkpoint=bool(checkpoint), coded_recompute=checkpoint == "coded")
 
     def title(self) -> str:
         """How tables name this shape."""

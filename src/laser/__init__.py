@@ -12,6 +12,7 @@ from laser.budget import Plan, Target, plan
 from laser.config import LaserConfig, NoneConfig, ProjectionConfig, QuantConfig, SiteFilter
 from laser.hooks import ActivationMethod
 from laser.methods.laser import Compressor
+from laser.recompute import checkpoint
 from laser.report import Report, SiteReport
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "SiteFilter",
     "SiteReport",
     "Target",
+    "checkpoint",
     "methods",
     "plan",
 ]

@@ -114,6 +114,20 @@ _KINDS = {f: kind for kind, fs in ((SPATIAL, _SPATIAL_FUNCTIONS), (MASK, _MASK_F
 _KINDS[F.scaled_dot_product_attention] = ATTENTION
 _KINDS[F.linear] = LINEAR
 _PLAIN = (torch.Tensor, nn.Parameter)
+_ACTIVE = threading.local()  # .stack: the methods this thread is inside, innermost last
+
+
+class CodedSaves:
+    """Base of saved-tensor hooks whose saves end up with :attr:`method` (:func:`laser.checkpoint`'s): under
+    them ``F.linear`` takes the factored path as under the method's own hooks."""
+
+    method: ActivationMethod
+
+
+def active_method() -> ActivationMethod | None:
+    """The innermost method this thread is inside ``with method:`` of, or None."""
+    stack = getattr(_ACTIVE, "stack", None)
+    return stack[-1] if stack else None
 
 
 class _SaverMode(TorchFunctionMode):
@@ -177,10 +191,11 @@ class _SaverMode(TorchFunctionMode):
 
         It takes the factored path only where autograd would save the input for a weight gradient (grad on,
         a 2-D weight that needs one), the tensors are plain (no subclass with its own ``__torch_function__``),
-        and the method's hooks are the innermost: inside a ``torch.utils.checkpoint`` region (forward and
-        recomputation alike) the checkpoint's hooks take the saves, and the op runs as it is, so both runs
-        save the same tensors. Under autocast the input is cast here, as autocast would cast it, and the
-        weight and bias inside, from autocast's cache. Once a call of a weight saved its input coded, later
+        and the method's hooks are the innermost, or those of a :class:`CodedSaves` of the method
+        (:func:`laser.checkpoint`'s forward and rerun alike): inside a ``torch.utils.checkpoint`` region the
+        checkpoint's hooks take the saves, and the op runs as it is, so both runs save the same tensors. Under
+        autocast the input is cast here, as autocast would cast it, and the weight and bias inside, from
+        autocast's cache. Once a call of a weight saved its input coded, later
         calls of that weight in the same forward share one :class:`~laser.factored.WeightGradSink` for that
         basis (the recursion steps of a loop sum ``dY^T Z`` before one product with ``Q^T``); a weight whose
         inputs come from several sites has one per site.
@@ -193,7 +208,9 @@ class _SaverMode(TorchFunctionMode):
                 or (bias is not None and type(bias) not in _PLAIN) or self._too_small(x)):
             return func(*args, **kwargs)
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is None or hooks[0] is not self.factored.pack_hook:
+        owner = getattr(hooks[0], "__self__", None) if hooks is not None else None
+        if hooks is None or (hooks[0] is not self.factored.pack_hook
+                             and not (isinstance(owner, CodedSaves) and owner.method is self.factored)):
             return func(*args, **kwargs)
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.is_floating_point():
@@ -648,6 +665,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         self._weight_storages: set[tuple] = set()
         self._weight_casts: dict[tuple[int, ...], set[torch.dtype]] = {}  # shape -> dtypes of weights
         self._accounts: dict[str, SiteAccount] = {}
+        self._recomputed: dict[str, SiteAccount] = {}  # sites of tensors saved by laser.checkpoint's reruns
         self._last: Report | None = None
         self._removed = False
         self._warn_if_compiled()
@@ -664,6 +682,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                     self._remember_weights()
                 self._active += 1
             self._namer.restart()
+            _ACTIVE.__dict__.setdefault("stack", []).append(self)
             super().__enter__()
             self._thread.mode = _SaverMode(self if self.factored_linears else None)
             self._thread.mode.__enter__()
@@ -676,15 +695,34 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             self._thread.mode.__exit__(*exc)
             self._thread.mode = None
             super().__exit__(*exc)
+            _ACTIVE.stack.remove(self)
             with self._lock:
                 self._active -= 1
                 if self._active == 0:
                     self._settle_pending()
                     self._live.clear()
 
+    def running_link(self) -> LinearInput | None:
+        """The :class:`~laser.factored.LinearInput` of the factored linear saving its tensors in this thread
+        now, or None."""
+        mode = getattr(self._thread, "mode", None)
+        return mode.link if mode is not None else None
+
     def active_in_thread(self) -> bool:
         """Whether this thread is inside ``with method:``."""
         return getattr(self._thread, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def recomputation(self):
+        """Storages first saved in this thread inside this context are a checkpointed region's rerun
+        (:func:`laser.checkpoint`): held one region at a time during backward, so the report lists them
+        apart (:attr:`Report.recomputed`), outside its totals."""
+        before = getattr(self._thread, "recomputing", False)
+        self._thread.recomputing = True
+        try:
+            yield
+        finally:
+            self._thread.recomputing = before
 
     def _remember_weights(self) -> None:
         """Parameters and buffers by storage, and the shapes and dtypes of their casts (see :meth:`_is_weight`)."""
@@ -808,9 +846,10 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
         columns = self._thread.mode.columns_read(tensor, width) if kind == ATTENTION and width > 0 else None
         coded = columns[1] - columns[0] if columns is not None else width
         site = self._namer.name(op, coded, tensor.untyped_storage())
-        account = self._accounts.get(site)
+        accounts = self._recomputed if getattr(self._thread, "recomputing", False) else self._accounts
+        account = accounts.get(site)
         if account is None:
-            account = self._accounts[site] = SiteAccount(coded)
+            account = accounts[site] = SiteAccount(coded)
         storage_bytes = tensor.untyped_storage().nbytes()
         account.raw_bytes += storage_bytes
         account.tensors += 1
@@ -865,7 +904,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
 
     def _settle_pending(self) -> None:
         """End of a forward: storages still pending stay raw for this step (break-even)."""
-        for account in self._accounts.values():
+        for account in chain(self._accounts.values(), self._recomputed.values()):
             if account.pending:
                 for entry in account.pending:
                     entry.settle()
@@ -946,19 +985,20 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             self.update()
             self._last = self._build_report()
             self.clear_step()
-            self._accounts = {}
+            self._accounts, self._recomputed = {}, {}
         self.seconds["update"] += time.perf_counter() - start
         self.steps += 1
 
     def report(self) -> Report:
         """The current step's report if anything was saved since the last :meth:`step`, else the last."""
-        if self._accounts or self._last is None:
+        if self._accounts or self._recomputed or self._last is None:
             return self._build_report()
         return self._last
 
     def _build_report(self) -> Report:
         rows = [self.site_row(site, account) for site, account in sorted(self._accounts.items())]
-        return Report(rows, method=self.name, step=self.steps)
+        recomputed = [self.site_row(site, account) for site, account in sorted(self._recomputed.items())]
+        return Report(rows, method=self.name, step=self.steps, recomputed=recomputed)
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: config, step count, generator and method state."""

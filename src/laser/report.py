@@ -51,11 +51,16 @@ class SiteReport:
 
 @dataclass
 class Report:
-    """Per-site rows and totals of one step; ``str(report)`` is a readable table."""
+    """Per-site rows and totals of one step; ``str(report)`` is a readable table.
+
+    ``recomputed`` lists the sites of tensors saved by :func:`laser.checkpoint`'s reruns in backward: each
+    is held only while its checkpointed call's backward runs, so they are not part of the totals.
+    """
 
     sites: list[SiteReport] = field(default_factory=list)
     method: str = ""
     step: int = 0
+    recomputed: list[SiteReport] = field(default_factory=list)
 
     @property
     def raw_bytes(self) -> int:
@@ -88,6 +93,7 @@ class Report:
             "stored_bytes": self.stored_bytes,
             "savings": self.savings,
             "sites": [asdict(s) | {"savings": s.savings} for s in self.sites],
+            "recomputed": [asdict(s) | {"savings": s.savings} for s in self.recomputed],
         }
 
     def __str__(self) -> str:
@@ -124,6 +130,11 @@ class Report:
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         title = f"{self.method or 'method'} @ step {self.step}"
+        if self.recomputed:
+            lines.append(f"recomputed in backward, one checkpointed call at a time: "
+                         f"{sum(s.tensors for s in self.recomputed)} tensors over {len(self.recomputed)} sites, "
+                         f"raw {format_bytes(sum(s.raw_bytes for s in self.recomputed))}, "
+                         f"stored {format_bytes(sum(s.stored_bytes for s in self.recomputed))}")
         return "\n".join([title, *lines])
 
 

@@ -37,6 +37,7 @@ from laser.models.layers import (
     swiglu_inter,
     trunc_normal_,
 )
+from laser.recompute import checkpoint as laser_checkpoint
 
 PATH_TOKEN = 4  # maze token for a cell on the solution path (laser.data.maze: wall, passage, start, goal, path)
 HALT_LOSS_WEIGHT = 0.5  # the reference adds 0.5 * halting BCE to the token loss
@@ -56,6 +57,9 @@ class TRMConfig:
     rope_2d: rotary positions over the (row, column) of a square grid (seq_len must be a square and the
         head dim divisible by 4) instead of the flat index; grid tasks learn relative moves much sooner.
     checkpoint: recompute each `net` call of the grad cycle in backward (activation checkpointing).
+    coded_recompute: with checkpoint, recompute through `laser.checkpoint`: inside `with method:` the
+        recomputed activations are stored by the method (codes) instead of raw by the checkpoint; outside,
+        the same as torch's checkpoint.
     n_sup: deep-supervision steps; `forward` runs all of them, only the last with grad.
     act: add the halting head (halt logit per sequence, BCE target: whole sequence correct).
     stablemax: stablemax cross-entropy instead of softmax (the reference's option for small data).
@@ -76,6 +80,7 @@ class TRMConfig:
     rope_theta: float = 10000.0
     rope_2d: bool = False
     checkpoint: bool = False
+    coded_recompute: bool = False
     n_sup: int = 1
     act: bool = False
     stablemax: bool = False
@@ -106,6 +111,9 @@ class TRMConfig:
                     f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
                     "or change seq_len/hidden/heads"
                 )
+        if self.coded_recompute and not self.checkpoint:
+            raise ValueError("TRMConfig.coded_recompute stores what activation checkpointing recomputes; it needs "
+                             "checkpoint=True (or set coded_recompute=False)")
         for name in ("expansion", "rope_theta", "path_weight", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -276,6 +284,8 @@ class TRM(nn.Module):
     def _call_net(self, h: Tensor, injection: Tensor, cos_sin: CosSin | None, recompute: bool) -> Tensor:
         """`_net`, under activation checkpointing when `recompute` (its activations are rebuilt in
         backward instead of saved)."""
+        if recompute and self.cfg.coded_recompute:
+            return laser_checkpoint(self._net, h, injection, cos_sin)
         if recompute:
             return checkpoint(self._net, h, injection, cos_sin, use_reentrant=False)
         return self._net(h, injection, cos_sin)
