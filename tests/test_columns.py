@@ -10,6 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import laser
 from laser.hooks import Reason, view_columns
+from laser.methods.projection import LowRankCodes
 
 
 class FusedAttention(nn.Module):
@@ -105,3 +106,42 @@ def test_a_later_view_outside_the_coded_columns_is_kept_exact():
     for g, e in zip(got, exact, strict=True):
         assert (g - e).norm() <= 1e-5 * e.norm()  # float rounding of rank-8 codes of rank-4 rows
     assert comp.report().site("qkv/mm:16").reasons[Reason.LAYOUT] == 1
+
+
+class _GatedMLP(nn.Module):
+    """SwiGLU on a fused gate/up output: silu saves the gate half, the product saves the up half."""
+
+    def __init__(self, dim: int = 16, inter: int = 24) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def test_halves_of_a_coded_storage_decode_by_their_own_columns(monkeypatch):
+    torch.manual_seed(0)
+    model = _GatedMLP()
+    x = torch.randn(4, 9, 16)
+    config = laser.LaserConfig(rank=4, min_numel=0, policy="paper")
+    seen = []
+    unpack = laser.hooks.ActivationMethod._unpack
+
+    def spy(self, packed):
+        out = unpack(self, packed)
+        if packed.tensor is None and not packed.factored():
+            seen.append((packed.by_columns(), packed.entry.record.views, tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(laser.hooks.ActivationMethod, "_unpack", spy)
+    got = _grads(model, x, laser.Compressor(model, config))
+    halves = [s for s in seen if s[2] == (4, 9, 24) and s[0]]
+    # silu's gate and the product's up: each rebuilt from its own 24 columns; the record counts no whole view,
+    # so no decode of all 48 columns is held for them.
+    assert len(halves) == 2 and all(views == 0 for _, views, _ in halves)
+    monkeypatch.setattr(LowRankCodes, "column_decode", False)
+    whole = _grads(model, x, laser.Compressor(model, config))  # the same codes, decoded whole and sliced
+    for g, w in zip(got, whole, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)

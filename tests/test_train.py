@@ -180,6 +180,13 @@ def test_method_specs():
         parse_method_spec("laser:bogus=1")
     with pytest.raises(ValueError, match="checkpoint"):
         parse_method_spec("laser+bogus")
+    coded = parse_method_spec("laser:quantize=int8+coded-checkpoint")
+    assert (coded.checkpoint, coded.coded_recompute) == (True, True)
+    assert parse_method_spec("laser+checkpoint").coded_recompute is False
+    cfg = with_method(train_preset("tiny"), coded)
+    assert cfg.model.checkpoint and cfg.model.coded_recompute and cfg.method_options == {"quantize": "int8"}
+    with pytest.raises(ValueError, match="coded-checkpoint"):
+        parse_method_spec("laser+checkpoint+coded-checkpoint")
 
 
 @pytest.mark.parametrize(
@@ -387,6 +394,15 @@ def test_checkpointing_model_option_gives_the_same_loss():
     recompute = Trainer(tiny("max_steps=1", "model.checkpoint=true")).train()
     assert recompute["curves"]["train"][-1]["loss"] == pytest.approx(plain["curves"]["train"][-1]["loss"], rel=1e-6)
     assert recompute["activation_bytes"] < plain["activation_bytes"]
+    coded = Trainer(tiny("max_steps=2", "model.checkpoint=true", "model.coded_recompute=true")).train()
+    twice = Trainer(tiny("max_steps=2", "model.checkpoint=true")).train()
+    assert [c["loss"] for c in coded["curves"]["train"]] == pytest.approx(
+        [c["loss"] for c in twice["curves"]["train"]], rel=1e-6)  # method none: the rebuilt tensors kept raw
+    trainer = Trainer(tiny(*LASER_TINY, "method.policy=paper", "max_steps=2", "model.checkpoint=true",
+                           "model.coded_recompute=true"))
+    trainer.train()
+    rebuilt = trainer.method.report().recomputed
+    assert rebuilt and sum(r.stored_bytes for r in rebuilt) < sum(r.raw_bytes for r in rebuilt)
 
 
 def test_result_contents_and_metrics_file(tmp_path):

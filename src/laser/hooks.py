@@ -392,6 +392,9 @@ class Packed:
     # and that basis (the same tensor for every record of a site's step).
     factored = False
     basis: torch.Tensor | None = None
+    # Whether :meth:`decode_columns` rebuilds a block of columns alone: a view reading part of each row (one
+    # half of a gate/up output) is then decoded by itself, not through the whole storage's held decode.
+    column_decode = False
 
     def decode(self) -> torch.Tensor:
         """The storage's content as a flat tensor in its original dtype."""
@@ -400,6 +403,11 @@ class Packed:
     def factors(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes (count, k), basis (D, k))`` of rows ``first .. first + count`` of the storage as (rows, D),
         both in the basis's dtype: those rows are ``codes @ basis.T`` (only where :attr:`factored`)."""
+        raise NotImplementedError
+
+    def decode_columns(self, first: int, end: int) -> torch.Tensor:
+        """Columns ``first .. end`` of the storage as rows (N, end - first), contiguous, in its dtype (only
+        where :attr:`column_decode`)."""
         raise NotImplementedError
 
     def decoded(self) -> torch.Tensor:
@@ -542,12 +550,15 @@ class _Saved:
     of decoding.
     """
 
-    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset", "link")
+    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset", "link", "columns")
 
     def __init__(self, entry: _Entry, tensor: torch.Tensor, link: LinearInput | None = None) -> None:
         self.entry, self.version, self.link = entry, tensor._version, link
         self.tensor = tensor.detach() if entry.record is None else None
         self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+        # The block of columns this view reads of its storage's rows (None: whole rows, or a column-coded entry).
+        width = entry.account.dim
+        self.columns = view_columns(tensor, width) if entry.columns is None and width > 0 else None
         if entry.rows is not None:
             entry.saved.append(self)
         elif entry.record is not None:
@@ -557,12 +568,17 @@ class _Saved:
         """Whether backward gets this view as codes (a coded storage whose record gives them)."""
         return self.link is not None and self.entry.record.factored
 
+    def by_columns(self) -> bool:
+        """Whether backward decodes this view's columns alone (see :attr:`Packed.column_decode`)."""
+        return self.columns is not None and self.entry.record.column_decode
+
     def count_view(self) -> None:
-        """Count this view, now backed by the entry's record: a view to decode, or a factored one."""
+        """Count this view, now backed by the entry's record: a view to decode whole, by its columns, or a
+        factored one."""
         if self.factored():
             self.entry.account.factored += 1
             self.link.basis = self.entry.record.basis
-        else:
+        elif not self.by_columns():
             self.entry.record.views += 1
 
 
@@ -774,6 +790,13 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             packed.link.factors = record.factors(packed.offset // width, packed.size.numel() // width)
             return packed.entry.probe.new_empty(0)  # a stand-in: the linear's backward reads the factors
         start = time.perf_counter()
+        if packed.by_columns():
+            first, end, width = packed.columns
+            block = record.decode_columns(first, end)  # (N, end - first)
+            self.seconds["decode"] += time.perf_counter() - start
+            count = end - first
+            stride = [s // width * count if s % width == 0 else s for s in packed.stride]
+            return block.as_strided(packed.size, stride, packed.offset // width * count)
         flat = record.decoded()
         self.seconds["decode"] += time.perf_counter() - start
         return flat.as_strided(packed.size, packed.stride, packed.offset)

@@ -35,6 +35,7 @@ class LowRankCodes(Packed):
         self.codes, self.basis, self.dtype, self.scales = codes, basis, dtype, scales
 
     factored = True
+    column_decode = True
 
     def stored_codes(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         """The codes of ``rows`` as backward will see them (dequantized, cast) in ``dtype``: (N, k)."""
@@ -48,6 +49,10 @@ class LowRankCodes(Packed):
     def decode(self) -> torch.Tensor:
         with autocast_off(self.codes.device):
             return (self.stored_codes(self.basis.dtype) @ self.basis.T).to(self.dtype).reshape(-1)  # (N*D,)
+
+    def decode_columns(self, first: int, end: int) -> torch.Tensor:
+        with autocast_off(self.codes.device):
+            return (self.stored_codes(self.basis.dtype) @ self.basis[first:end].T).to(self.dtype)  # (N, end-first)
 
 
 class CosineSums:

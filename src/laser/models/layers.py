@@ -12,6 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from laser.recompute import checkpoint as laser_checkpoint
 
 CosSin = tuple[Tensor, Tensor]
 
@@ -42,6 +45,22 @@ def trunc_normal_(tensor: Tensor, std: float = 1.0, lower: float = -2.0, upper: 
         tensor.uniform_(cdf_lo, cdf_hi).erfinv_().mul_(math.sqrt(2) * scale)
         # erfinv of a value rounded to +-1 can overshoot; keep the bound exact.
         return tensor.clamp_(lower * scale, upper * scale)
+
+
+def check_recompute(config: str, checkpoint: bool, coded_recompute: bool) -> None:
+    """A model config's ``coded_recompute`` needs its ``checkpoint``."""
+    if coded_recompute and not checkpoint:
+        raise ValueError(f"{config}.coded_recompute stores what activation checkpointing recomputes; it needs "
+                         "checkpoint=True (or set coded_recompute=False)")
+
+
+def checkpointed(fn, *args, coded: bool):
+    """``fn(*args)`` under non-reentrant activation checkpointing: ``laser.checkpoint`` when ``coded`` (inside
+    ``with method:`` the method stores the recomputed activations; outside it is torch's), else
+    ``torch.utils.checkpoint``."""
+    if coded:
+        return laser_checkpoint(fn, *args)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def rms_norm(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from laser.models.layers import (
     Attention,
@@ -40,6 +39,8 @@ from laser.models.layers import (
     RotaryEmbedding,
     ScaledEmbedding,
     SwiGLU,
+    check_recompute,
+    checkpointed,
     rms_norm,
     swiglu_inter,
 )
@@ -58,6 +59,8 @@ class LoopedLMConfig:
     loops: how many times the block stack is unrolled (recursion depth; every loop with grad).
     rope_theta: RoPE base.
     checkpoint: recompute each loop's block stack in backward.
+    coded_recompute: with checkpoint, recompute through ``laser.checkpoint``: inside ``with method:`` the
+        recomputed activations are stored by the method instead of raw by the checkpoint.
     forward_dtype: activation dtype ("float32", "bfloat16", "float16"); weights stay fp32.
     norm_eps: epsilon of rms_norm.
     """
@@ -71,6 +74,7 @@ class LoopedLMConfig:
     loops: int = 24
     rope_theta: float = 10000.0
     checkpoint: bool = False
+    coded_recompute: bool = False
     forward_dtype: str = "float32"
     norm_eps: float = 1e-5
 
@@ -83,6 +87,7 @@ class LoopedLMConfig:
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"LoopedLMConfig.hidden ({self.hidden}) / heads ({self.heads}) must be an even "
                              "integer head dim for RoPE; change hidden or heads")
+        check_recompute("LoopedLMConfig", self.checkpoint, self.coded_recompute)
         for name in ("expansion", "rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -165,7 +170,8 @@ class LoopedLM(nn.Module):
         h = self.embed(tokens)  # (B, L, D)
         recompute = self.cfg.checkpoint and torch.is_grad_enabled()
         for _ in range(self.cfg.loops):
-            h = checkpoint(self._stack, h, cos_sin, use_reentrant=False) if recompute else self._stack(h, cos_sin)
+            h = checkpointed(self._stack, h, cos_sin, coded=self.cfg.coded_recompute) if recompute \
+                else self._stack(h, cos_sin)
         return self.head(rms_norm(h, self.cfg.norm_eps)).float()  # (B, L, V)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from laser.models.layers import (
     Attention,
@@ -33,11 +32,12 @@ from laser.models.layers import (
     RotaryEmbedding,
     ScaledEmbedding,
     SwiGLU,
+    check_recompute,
+    checkpointed,
     rms_norm,
     swiglu_inter,
     trunc_normal_,
 )
-from laser.recompute import checkpoint as laser_checkpoint
 
 PATH_TOKEN = 4  # maze token for a cell on the solution path (laser.data.maze: wall, passage, start, goal, path)
 HALT_LOSS_WEIGHT = 0.5  # the reference adds 0.5 * halting BCE to the token loss
@@ -111,9 +111,7 @@ class TRMConfig:
                     f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
                     "or change seq_len/hidden/heads"
                 )
-        if self.coded_recompute and not self.checkpoint:
-            raise ValueError("TRMConfig.coded_recompute stores what activation checkpointing recomputes; it needs "
-                             "checkpoint=True (or set coded_recompute=False)")
+        check_recompute("TRMConfig", self.checkpoint, self.coded_recompute)
         for name in ("expansion", "rope_theta", "path_weight", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -284,10 +282,8 @@ class TRM(nn.Module):
     def _call_net(self, h: Tensor, injection: Tensor, cos_sin: CosSin | None, recompute: bool) -> Tensor:
         """`_net`, under activation checkpointing when `recompute` (its activations are rebuilt in
         backward instead of saved)."""
-        if recompute and self.cfg.coded_recompute:
-            return laser_checkpoint(self._net, h, injection, cos_sin)
         if recompute:
-            return checkpoint(self._net, h, injection, cos_sin, use_reentrant=False)
+            return checkpointed(self._net, h, injection, cos_sin, coded=self.cfg.coded_recompute)
         return self._net(h, injection, cos_sin)
 
     def _cycle(self, y: Tensor, z: Tensor, x: Tensor, cos_sin: CosSin | None) -> tuple[Tensor, Tensor]:

@@ -587,7 +587,9 @@ def render_report(results: dict, resolved: dict, table: str, plots: list[str], w
         "backward (`torch.utils.checkpoint`, non-reentrant), so the graph keeps only each step's inputs and the "
         "tensors outside the recursion. Combined with a method, those inputs are what the method stores (laser "
         "codes the per-step hidden states): backward recomputes every step from the decoded inputs, and the "
-        "tensors rebuilt in backward live one step at a time, uncompressed.",
+        "tensors rebuilt in backward live one step at a time, uncompressed. `+coded-checkpoint` recomputes through "
+        "`laser.checkpoint` instead: the method stores the rebuilt tensors too, as it stores them without "
+        "checkpointing.",
         "",
         "## Gradient fidelity and compression time",
         "",

@@ -549,25 +549,31 @@ class MethodSpec:
         name: the registered method name.
         options: the method's config options.
         checkpoint: also recompute activations in backward (the model option ``checkpoint``).
+        coded_recompute: ``+coded-checkpoint``: recompute through ``laser.checkpoint``, so the method stores the
+            recomputed activations too (the model options ``checkpoint`` and ``coded_recompute``).
     """
 
     label: str
     name: str
     options: dict
     checkpoint: bool = False
+    coded_recompute: bool = False
 
 
 def parse_method_spec(spec: str) -> MethodSpec:
-    """Parse ``NAME[:k=v,...][+checkpoint]`` (``checkpoint`` alone is the baseline with recomputation).
+    """Parse ``NAME[:k=v,...][+checkpoint|+coded-checkpoint]`` (``checkpoint`` alone is the baseline with
+    recomputation).
 
     Values are parsed as int, float, bool, None or str; the method and its options are validated.
     """
     parts = [p.strip() for p in spec.strip().split("+")]
-    checkpoint = "checkpoint" in parts[1:] or parts[0] == "checkpoint"
-    extra = [p for p in parts[1:] if p != "checkpoint"]
-    if not parts[0] or extra:
-        raise ValueError(f"method spec {spec!r} is invalid: use NAME[:key=value,...][+checkpoint] with NAME one "
-                         f"of {', '.join(methods.names())}, e.g. laser:rank=64,quantize=int8+checkpoint")
+    coded = "coded-checkpoint" in parts[1:]
+    checkpoint = coded or "checkpoint" in parts[1:] or parts[0] == "checkpoint"
+    extra = [p for p in parts[1:] if p not in ("checkpoint", "coded-checkpoint")]
+    if not parts[0] or extra or len(parts) > 2:
+        raise ValueError(f"method spec {spec!r} is invalid: use NAME[:key=value,...][+checkpoint] or "
+                         f"NAME[:key=value,...][+coded-checkpoint] with NAME one of {', '.join(methods.names())}, "
+                         "e.g. laser:rank=64,quantize=int8+checkpoint")
     head = "none" if parts[0] == "checkpoint" else parts[0]
     name, _, text = head.partition(":")
     options: dict[str, object] = {}
@@ -577,13 +583,14 @@ def parse_method_spec(spec: str) -> MethodSpec:
             raise ValueError(f"method option {item!r} in {spec!r} is invalid: use key=value")
         options[key.strip()] = parse_literal(value)
     check_method(name.strip(), options)
-    return MethodSpec(spec.strip(), name.strip(), options, checkpoint)
+    return MethodSpec(spec.strip(), name.strip(), options, checkpoint, coded)
 
 
 def with_method(cfg: TrainConfig, spec: MethodSpec | str) -> TrainConfig:
     """``cfg`` training with the method of ``spec`` (recomputation switched on when the spec asks)."""
     spec = parse_method_spec(spec) if isinstance(spec, str) else spec
-    model = dataclasses.replace(cfg.model, checkpoint=cfg.model.checkpoint or spec.checkpoint)
+    model = dataclasses.replace(cfg.model, checkpoint=cfg.model.checkpoint or spec.checkpoint,
+                                coded_recompute=cfg.model.coded_recompute or spec.coded_recompute)
     return dataclasses.replace(cfg, model=model, method=spec.name, method_options=dict(spec.options))
 
 
