@@ -256,6 +256,7 @@ VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     # laser.checkpoint: the recomputed block's activations stored as the method's codes too
     "laser+coded-checkpoint": ("laser", {}, True, "coded"),
     "laser-int8+coded-checkpoint": ("laser", {"quantize": "int8"}, True, "coded"),
+    "laser-s8-int8+coded-checkpoint": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, "coded"),
     "quant8": ("quant", {"bits": 8}, False, None),
     "quant4": ("quant", {"bits": 4}, False, None),
     "checkpoint": ("none", {}, False, "checkpoint"),

@@ -5,9 +5,9 @@
 #    policy, bf16 matmuls, factored weight gradients), laser-recon (every coded tensor reconstructed: what
 #    factored gradients save), laser-paper (the forward that never waits for the device), laser with int8
 #    codes, laser with the power-iteration statistic on every 8th row (laser-s8, laser-s8-int8), laser-ref
-#    (fp32 matmuls: the reference path), checkpoint and laser-int8+checkpoint;
+#    (fp32 matmuls: the reference path), checkpoint, laser-int8+checkpoint and laser-int8+coded-checkpoint;
 # 2. the issue-14 target shape (the same block, 8 recursion steps, batch 8, fp32): none, laser, laser-recon,
-#    checkpoint, laser-int8+checkpoint at rank 128.
+#    checkpoint, laser-int8+checkpoint, laser-int8+coded-checkpoint at rank 128.
 # Each prints one markdown table: saved bytes (report), activation bytes held after the forward
 # (torch.cuda.memory_allocated), max memory allocated over one step (and its rise above the memory in use
 # before it), and the step time as a ratio to none, from up to a few hundred interleaved steps.
@@ -33,10 +33,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 timeout 290 python benchmarks/step.py \
     --device cuda --amp bf16 --batch 64 --dims 512 --depths 24 --ranks 128 256 \
     --methods none laser laser-recon laser-paper laser-int8 laser-s8 laser-s8-int8 laser-ref checkpoint \
-    laser-int8+checkpoint --warmup 3 --steps 300 --budget 150 --memory inprocess --threads 1 \
+    laser-int8+checkpoint laser-int8+coded-checkpoint --warmup 3 --steps 300 --budget 150 --memory inprocess --threads 1 \
     "$@"
 timeout 170 python benchmarks/step.py \
     --device cuda --amp none --batch 8 --dims 512 --depths 8 --ranks 128 \
-    --methods none laser laser-recon checkpoint laser-int8+checkpoint \
+    --methods none laser laser-recon checkpoint laser-int8+checkpoint laser-int8+coded-checkpoint \
     --warmup 3 --steps 300 --budget 80 --memory inprocess --threads 1 \
     "$@"

@@ -2,7 +2,9 @@
 
 For each width D, recursion depth n (TRM ``L_cycles``) and LASER rank, one table: ``none``, ``laser`` with
 policy ``paper`` and ``guarded`` (codes in the activation dtype and int8), ``quant`` at 8 and 4 bits and
-``checkpoint`` (``TRMConfig(checkpoint=True)``: each block call recomputed in backward, with ``none``).
+``checkpoint`` (``TRMConfig(checkpoint=True)``: each block call recomputed in backward, with ``none``);
+``laser-int8+checkpoint`` codes what checkpointing keeps, ``laser(-int8)+coded-checkpoint`` also what it recomputes
+(``coded_recompute=True``: ``laser.checkpoint``).
 PyTorch's own options are peers (``common.wrap_blocks``): ``sac`` runs the block under selective activation
 checkpointing (matmul and attention outputs saved, everything else recomputed), ``compile-budget`` compiles
 the block with inductor under ``torch._functorch.config.activation_memory_budget`` (``--memory-budget``);

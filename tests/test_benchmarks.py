@@ -331,11 +331,12 @@ def test_gpu_script_dry_run_on_cpu():
     rows = table_rows(proc.stdout, header)
     assert [r[0] for r in rows] == ["none", "laser r16", "laser-recon r16", "laser-paper r16", "laser-int8 r16",
                                     "laser-s8 r16", "laser-s8-int8 r16", "laser-ref r16", "checkpoint",
-                                    "laser-int8+checkpoint r16"]
+                                    "laser-int8+checkpoint r16", "laser-int8+coded-checkpoint r16"]
     assert "bf16 autocast" in proc.stdout
     second = proc.stdout[proc.stdout.index(header) + len(header):]  # the fp32 target-shape table
     assert [r[0] for r in table_rows(second, header)] == ["none", "laser r16", "laser-recon r16", "checkpoint",
-                                                          "laser-int8+checkpoint r16"]
+                                                          "laser-int8+checkpoint r16",
+                                                          "laser-int8+coded-checkpoint r16"]
     assert "fp32" in second
 
 
