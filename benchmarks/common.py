@@ -537,7 +537,9 @@ def probe_memory(workload: Workload, spec: MethodSpec, warmup: int) -> dict:
     loss, held = held_after_forward(run)
     run.backward(loss)
     stored, raw = (report.stored_bytes, report.raw_bytes) if run.method is not None else (None, None)
-    return {"held": held, "peak": peak, "rise": peak - before if windowed else None, "stored": stored, "raw": raw}
+    rebuilt = [sum(getattr(r, key) for r in report.recomputed) for key in ("tensors", "raw_bytes", "stored_bytes")]
+    return {"held": held, "peak": peak, "rise": peak - before if windowed else None, "stored": stored, "raw": raw,
+            "recomputed": rebuilt if report.recomputed else None}
 
 
 def fresh_process(script: Path | str, args: Sequence[str], timeout: float | None = None) -> dict:

@@ -118,6 +118,10 @@ def table(workload: Workload, specs: list[MethodSpec], results: dict, rounds: in
             size(r.get("held")), ratio(r.get("held"), base.get("held")),
             f"{1000 * r['time']:.1f} ms", ratio(r["time"], base["time"]),
         ])
+        if r.get("recomputed"):
+            tensors, raw, stored = r["recomputed"]
+            notes.append(f"{spec.label}: the step's reruns (`report.recomputed`, held one block call at a time, not in "
+                         f"saved): {tensors} tensors, {size(raw)} raw, stored as {size(stored)}.")
     peak = {"fresh": "peak RSS of a fresh process", "inprocess": (
         "max_memory_allocated" if workload.device == "cuda" else "peak RSS in this process"),
         "off": "not measured"}[args.memory]

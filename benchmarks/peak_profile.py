@@ -1,0 +1,107 @@
+"""What is alive at the peak of one training step: tensors by kind and size, from PyTorch's memory profiler.
+
+``step.py`` measures a step's peak; this says what it is made of. One warmed-up step of each method runs under
+``torch.profiler`` with memory profiling. Replaying the profiler's allocation timeline gives the moment of the
+highest total. The tensors alive then are listed, grouped by the profiler's category (``PARAMETER``,
+``OPTIMIZER_STATE``, ``GRADIENT``, ``ACTIVATION``, ``TEMPORARY``, ``AUTOGRAD_DETAIL``: tensors made inside
+autograd's backward, ``INPUT``, ``unknown``) and by size. The peak is above the memory alive when the step
+began; that starting memory is printed too, so the rise is the difference.
+
+    python benchmarks/peak_profile.py --dims 512 --depths 8 --ranks 128 --batch 8 \\
+        --methods checkpoint laser-int8+checkpoint laser-int8+coded-checkpoint
+
+The categories come from ``torch.profiler._memory_profiler``, a private module: they name what the profiler
+could infer, and a tensor it cannot place is ``unknown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler import _memory_profiler as memory_profiler
+
+from common import VARIANTS, TrainingRun, Workload, check_device, markdown_table, method_specs, set_threads, size
+
+MIN_BYTES = 256 * 1024  # smaller tensors are summed into one row per category
+
+
+def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter]:
+    """``(start, peak, tensors)``: bytes alive on ``device`` when the profile began and at its peak, and the
+    tensors alive at the peak as ``(category, bytes) -> count`` (tensors under :data:`MIN_BYTES` as
+    ``(category, 0)`` -> their summed bytes)."""
+    timeline = memory_profiler.MemoryProfileTimeline(prof._memory_profile())
+    live: dict[object, tuple[int, object]] = {}  # tensor -> (bytes, category of its current version)
+    total = start = best = 0
+    started, snapshot = False, {}
+    for _, action, (key, version), nbytes in timeline.timeline:
+        if key.device.type != device:
+            continue
+        if action != memory_profiler.Action.PREEXISTING and not started:
+            start, best, snapshot, started = total, total, dict(live), True
+        if action in (memory_profiler.Action.PREEXISTING, memory_profiler.Action.CREATE):
+            total += nbytes - live.get(key, (0, None))[0]
+            live[key] = (nbytes, timeline.categories.get(key, version))
+        elif action == memory_profiler.Action.INCREMENT_VERSION and key in live:
+            live[key] = (live[key][0], timeline.categories.get(key, version))
+        elif action == memory_profiler.Action.DESTROY:
+            total -= live.pop(key, (0, None))[0]
+        if started and total > best:
+            best, snapshot = total, dict(live)
+    tensors: Counter = Counter()
+    for nbytes, category in snapshot.values():
+        name = category.name if category is not None else "unknown"
+        if nbytes >= MIN_BYTES:
+            tensors[(name, nbytes)] += 1
+        else:
+            tensors[(name, 0)] += nbytes
+    return start, best, tensors
+
+
+def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Counter]:
+    """Warm a run of ``spec`` up, then profile one step: :func:`live_at_peak` of it."""
+    run = TrainingRun(workload, spec)
+    for _ in range(warmup):
+        run.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run.step()
+    return live_at_peak(prof, workload.device)
+
+
+def table(start: int, peak: int, tensors: Counter) -> str:
+    """The tensors alive at the peak, largest groups first."""
+    rows = []
+    for (category, nbytes), count in sorted(tensors.items(), key=lambda kv: -(kv[0][1] * kv[1] or kv[1])):
+        if nbytes:
+            rows.append([category, size(nbytes), str(count), size(nbytes * count)])
+        else:
+            rows.append([category, f"< {size(MIN_BYTES)}", "-", size(count)])
+    head = f"alive when the step began {size(start)}; at its peak {size(peak)} (rise {size(peak - start)})\n\n"
+    return head + markdown_table(["category", "tensor", "count", "bytes"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, default=512, help="width D")
+    parser.add_argument("--depths", type=int, default=8, help="recursion depth n (L_cycles)")
+    parser.add_argument("--ranks", type=int, default=128, help="LASER initial rank")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--maze", type=int, default=11, help="maze side (sequence length maze^2)")
+    parser.add_argument("--methods", nargs="+", default=["checkpoint", "laser-int8+coded-checkpoint"],
+                        choices=list(VARIANTS), metavar="METHOD", help=f"from: {', '.join(VARIANTS)}")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled one")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    check_device("cpu")
+    set_threads(args.threads)
+    workload = Workload(args.dims, args.depths, args.batch, args.maze, "cpu", "none")
+    print(f"### What is alive at the step's peak: {workload.title()}\n")
+    for spec in method_specs(args.methods, [args.ranks]):
+        if spec.label == "none" and "none" not in args.methods:
+            continue
+        print(f"#### {spec.label}\n\n{table(*profile_step(workload, spec, args.warmup))}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
