@@ -6,6 +6,7 @@ rebuilt records must be freed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -54,17 +55,18 @@ def _torch_ckpt(fn, *args):
     return torch_checkpoint(fn, *args, use_reentrant=False)
 
 
-def _grads(model: nn.Module, x: torch.Tensor, method=None, seed: int = 0) -> list[torch.Tensor]:
+def _grads(model: nn.Module, x: torch.Tensor, method=None, seed: int = 0, amp: bool = False) -> list[torch.Tensor]:
+    """Gradients of one step, the forward inside ``with method:`` when given (and bf16 autocast with ``amp``);
+    a model returning logits is trained on their mean square."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    if method is None:
-        model(x).backward()
-    else:
-        with method:
-            loss = model(x)
-        loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), method or contextlib.nullcontext():
+        out = model(x)
+        loss = out if out.dim() == 0 else out.float().square().mean()
+    loss.backward()
+    if method is not None:
         method.step()
-    return [p.grad.clone() for p in model.parameters()]
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
 def _pair(wrap, **kwargs) -> tuple[nn.Module, nn.Module]:
@@ -123,19 +125,7 @@ def test_bf16_autocast_matches_torch_checkpoint():
     twin, model = _pair(laser.checkpoint)
     twin.wrap = _torch_ckpt
     x = torch.randn(4, 6, 32)
-
-    def run(m, method=None):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if method is None:
-                loss = m(x)
-            else:
-                with method:
-                    loss = m(x)
-        loss.backward()
-        return [p.grad.clone() for p in m.parameters()]
-
-    _assert_equal(run(model, laser.methods.build("none", model)), run(twin))
+    _assert_equal(_grads(model, x, laser.methods.build("none", model), amp=True), _grads(twin, x, amp=True))
 
 
 def _low_rank(*shape: int, rank: int = RANK - 1) -> torch.Tensor:
@@ -154,12 +144,16 @@ class _Linears(nn.Module):
         return self.c(self.b(self.a(x)) * 2.0)
 
 
-def test_lossless_codes_of_the_recomputation_give_the_twins_gradients():
+def _lossless() -> tuple[nn.Module, nn.Module, torch.Tensor, laser.ActivationMethod]:
+    """Linears, their twin, a rank-7 input and LASER at rank 8: codes of every saved tensor are exact."""
     torch.manual_seed(0)
     block = _Linears()
-    twin = copy.deepcopy(block)
-    x = _low_rank(16, 12, 48)
-    method = laser.methods.build("laser", block, rank=RANK, min_numel=0, policy="paper")
+    return block, copy.deepcopy(block), _low_rank(16, 12, 48), laser.methods.build(
+        "laser", block, rank=RANK, min_numel=0, policy="paper")
+
+
+def test_lossless_codes_of_the_recomputation_give_the_twins_gradients():
+    block, twin, x, method = _lossless()
     for _ in range(3):  # the first step codes against each tensor's own SVD basis, later ones the tracked one
         block.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)
@@ -301,25 +295,13 @@ def test_trm_coded_recompute_matches_torch_checkpoint_and_is_validated():
     model = TRM(TRMConfig(**{**cfg.__dict__, "coded_recompute": True}))
     model.load_state_dict(twin.state_dict())
     tokens = torch.randint(0, 5, (3, 25))
-
-    def grads(m, method=None):
-        m.zero_grad(set_to_none=True)
-        with method if method is not None else torch.enable_grad():
-            loss = m(tokens).square().mean()  # fp32 logits (B, L, vocab)
-        loss.backward()
-        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
-
-    _assert_equal(grads(model, laser.methods.build("none", model)), grads(twin), atol=1e-6)
+    _assert_equal(_grads(model, tokens, laser.methods.build("none", model)), _grads(twin, tokens), atol=1e-6)
     with pytest.raises(ValueError, match="coded_recompute .*checkpoint=True"):
         TRMConfig(coded_recompute=True)
 
 
 def test_bf16_autocast_rerun_with_factored_linears_matches_the_twin():
-    torch.manual_seed(0)
-    block = _Linears()
-    twin = copy.deepcopy(block)
-    x = _low_rank(16, 12, 48)
-    method = laser.methods.build("laser", block, rank=RANK, min_numel=0, policy="paper")
+    block, twin, x, method = _lossless()
     for _ in range(2):
         block.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)
