@@ -325,3 +325,24 @@ def test_a_saved_tensor_read_outside_backward_is_rebuilt():
         torch.testing.assert_close(y.grad_fn._saved_result, y.detach())
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())
+
+
+def test_a_compiled_block_inside_the_checkpoint_gives_the_twins_gradients():
+    torch.manual_seed(0)
+    block = _Block()
+    twin = copy.deepcopy(block)
+    compiled = torch.compile(block)
+    x = torch.randn(4, 6, 32)
+    method = laser.methods.build("none", block)
+    with method:
+        h = x * 1.0
+        for _ in range(2):
+            h = laser.checkpoint(compiled, h)
+        loss = h.square().mean()
+    loss.backward()
+    h = x * 1.0
+    for _ in range(2):
+        h = twin(h)
+    h.square().mean().backward()
+    _assert_equal([p.grad for p in block.parameters()], [p.grad for p in twin.parameters()], atol=1e-6)
+    assert sum(r.tensors for r in method.report().recomputed) > 0  # the compiled graph's saves, rerun
