@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -128,9 +131,9 @@ def test_bf16_autocast_matches_torch_checkpoint():
     _assert_equal(_grads(model, x, laser.methods.build("none", model), amp=True), _grads(twin, x, amp=True))
 
 
-def _low_rank(*shape: int, rank: int = RANK - 1) -> torch.Tensor:
+def _low_rank(*shape: int, rank: int = RANK - 1, seed: int = 2) -> torch.Tensor:
     mixing = torch.randn(rank, shape[-1], generator=torch.Generator().manual_seed(1))
-    return torch.randn(*shape[:-1], rank, generator=torch.Generator().manual_seed(2)) @ mixing
+    return torch.randn(*shape[:-1], rank, generator=torch.Generator().manual_seed(seed)) @ mixing
 
 
 class _Linears(nn.Module):
@@ -346,3 +349,45 @@ def test_a_compiled_block_inside_the_checkpoint_gives_the_twins_gradients():
     h.square().mean().backward()
     _assert_equal([p.grad for p in block.parameters()], [p.grad for p in twin.parameters()], atol=1e-6)
     assert sum(r.tensors for r in method.report().recomputed) > 0  # the compiled graph's saves, rerun
+
+
+class _Checkpointed(nn.Module):
+    """``_Linears`` through ``laser.checkpoint`` (``coded``) or called as is (the twin)."""
+
+    def __init__(self, coded: bool) -> None:
+        super().__init__()
+        self.inner, self.coded = _Linears(), coded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return laser.checkpoint(self.inner, x) if self.coded else self.inner(x)
+
+
+def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = _Checkpointed(coded=True)
+    twin = copy.deepcopy(model)
+    twin.coded = False
+    ddp, ddp_twin = nn.parallel.DistributedDataParallel(model), nn.parallel.DistributedDataParallel(twin)
+    method = laser.methods.build("laser", ddp, rank=RANK, min_numel=0, policy="paper")
+    got, want = [], []
+    for step in range(3):
+        x = _low_rank(8, 12, 48, seed=10 * step + rank)  # each rank its own shard
+        got.append(_grads(ddp, x, method))
+        want.append(_grads(ddp_twin, x))
+    factored = sum(r.factored for r in method.report().recomputed)
+    torch.save({"got": got, "want": want, "factored": factored}, os.path.join(out, f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_ddp_gradients_through_the_coded_rerun_equal_the_twins(tmp_path):
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    results = [torch.load(tmp_path / f"ddp{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["factored"] == 3
+        for got, want in zip(result["got"], result["want"], strict=True):
+            _assert_equal(got, want, atol=1e-5)
+    for got, other in zip(results[0]["got"], results[1]["got"], strict=True):
+        _assert_equal(got, other, atol=1e-6)  # averaged across the ranks
