@@ -15,7 +15,6 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -381,10 +380,8 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_ddp_gradients_through_the_coded_rerun_equal_the_twins(tmp_path):
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
-    results = [torch.load(tmp_path / f"ddp{r}.pt") for r in range(2)]
+def test_ddp_gradients_through_the_coded_rerun_equal_the_twins(ranks_results):
+    results = ranks_results(_ddp_worker)
     for result in results:
         assert result["factored"] == 3
         for got, want in zip(result["got"], result["want"], strict=True):

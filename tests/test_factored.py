@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -379,10 +378,8 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_ddp_gradients_equal_the_twins(tmp_path):
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
-    results = [torch.load(tmp_path / f"ddp{r}.pt") for r in range(2)]
+def test_ddp_gradients_equal_the_twins(ranks_results):
+    results = ranks_results(_ddp_worker)
     for name, factored in (("net", 3), ("loop", 5)):  # the loop's steps sum through a WeightGradSink
         for result in results:
             assert result[name]["factored"] == factored
