@@ -218,8 +218,8 @@ class MethodSpec:
     """A method as the benchmarks name it: a ``laser.methods`` name with options, and how the block recomputes.
 
     ``name=None`` is the bare model: no saved-tensor hooks at all (what ``none``'s plumbing costs).
-    ``checkpoint``: ``TRMConfig(checkpoint=True)``, each block-stack call recomputed in backward; ``"coded"``:
-    also ``coded_recompute=True`` (``laser.checkpoint``: the method stores the recomputed activations).
+    ``checkpoint``: ``TRMConfig(checkpoint=True)``, each block-stack call recomputed in backward;
+    ``coded_recompute``: through ``laser.checkpoint``, so the method stores the recomputed activations too.
     ``recompute``: one of PyTorch's own options wrapped around the TRM block (see :func:`wrap_blocks`):
     ``"sac"`` (selective activation checkpointing: matmul and attention outputs saved, the rest recomputed)
     or ``"compile"`` (``torch.compile`` of the block with ``activation_memory_budget``).
@@ -228,9 +228,10 @@ class MethodSpec:
     label: str
     name: str | None = "none"
     options: dict = field(default_factory=dict)
-    checkpoint: bool | str = False
+    checkpoint: bool = False
     recompute: str | None = None
     memory_budget: float = 0.5
+    coded_recompute: bool = False
 
     @property
     def rank(self) -> int | None:
@@ -238,7 +239,8 @@ class MethodSpec:
         return self.options.get("rank")
 
 
-# variant -> (laser.methods name, options, takes a rank, recompute: None, "checkpoint", "coded", "sac" or "compile")
+# variant -> (laser.methods name, options, takes a rank, recompute: None, "checkpoint", "coded" (laser.checkpoint),
+# "sac" or "compile")
 VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     "bare": (None, {}, False, None),
     "none": ("none", {}, False, None),
@@ -284,13 +286,13 @@ def method_specs(variants: Sequence[str], ranks: Sequence[int], memory_budget: f
         if variant == "none":
             continue
         name, options, ranked, recompute = VARIANTS[variant]
-        ckpt = {"checkpoint": True, "coded": "coded"}.get(recompute, False)
+        ckpt, coded = recompute in ("checkpoint", "coded"), recompute == "coded"
         wrap = recompute if recompute in ("sac", "compile") else None
         if ranked:
             specs += [MethodSpec(f"{variant} r{r}", name, {**options, "rank": r, "max_rank": max(512, r)}, ckpt,
-                                 wrap, memory_budget) for r in ranks]
+                                 wrap, memory_budget, coded) for r in ranks]
         else:
-            specs.append(MethodSpec(variant, name, dict(options), ckpt, wrap, memory_budget))
+            specs.append(MethodSpec(variant, name, dict(options), ckpt, wrap, memory_budget, coded))
     return specs
 
 
@@ -395,11 +397,11 @@ class Workload:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         self.trm_config()  # TRMConfig names the setting when a width or depth is impossible
 
-    def trm_config(self, checkpoint: bool | str = False) -> TRMConfig:
-        """The TRM of this shape: D / 64 heads, SwiGLU expansion 4, one block, one H cycle; ``checkpoint``:
-        see :class:`MethodSpec`."""
+    def trm_config(self, checkpoint: bool = False, coded_recompute: bool = False) -> TRMConfig:
+        """The TRM of this shape: D / 64 heads, SwiGLU expansion 4, one block, one H cycle (``checkpoint`` and
+        ``coded_recompute``: see :class:`MethodSpec`)."""
         return TRMConfig(hidden=self.dim, heads=max(1, self.dim // HEAD_DIM), L_cycles=self.depth,
-                         seq_len=self.maze**2, checkpoint=bool(checkpoint), coded_recompute=checkpoint == "coded")
+                         seq_len=self.maze**2, checkpoint=checkpoint, coded_recompute=coded_recompute)
 
     def title(self) -> str:
         """How tables name this shape."""
@@ -417,7 +419,8 @@ class TrainingRun:
     def __init__(self, workload: Workload, spec: MethodSpec, pool: int = 8) -> None:
         torch.manual_seed(workload.seed)
         self.workload = workload
-        self.model = wrap_blocks(TRM(workload.trm_config(spec.checkpoint)).to(workload.device), spec)
+        self.model = wrap_blocks(TRM(workload.trm_config(spec.checkpoint, spec.coded_recompute)).to(workload.device),
+                                 spec)
         self.method = None if spec.name is None else laser.methods.build(spec.name, self.model, **spec.options)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         inputs, targets = generate(workload.batch * pool, size=workload.maze, seed=workload.seed)
@@ -537,9 +540,8 @@ def probe_memory(workload: Workload, spec: MethodSpec, warmup: int) -> dict:
     loss, held = held_after_forward(run)
     run.backward(loss)
     stored, raw = (report.stored_bytes, report.raw_bytes) if run.method is not None else (None, None)
-    rebuilt = [sum(getattr(r, key) for r in report.recomputed) for key in ("tensors", "raw_bytes", "stored_bytes")]
     return {"held": held, "peak": peak, "rise": peak - before if windowed else None, "stored": stored, "raw": raw,
-            "recomputed": rebuilt if report.recomputed else None}
+            "recomputed": report.recomputed_totals() if report.recomputed else None}
 
 
 def fresh_process(script: Path | str, args: Sequence[str], timeout: float | None = None) -> dict:

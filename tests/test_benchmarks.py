@@ -333,6 +333,7 @@ def test_gpu_script_dry_run_on_cpu():
                                     "laser-s8 r16", "laser-s8-int8 r16", "laser-ref r16", "checkpoint",
                                     "laser-int8+checkpoint r16", "laser-int8+coded-checkpoint r16"]
     assert "bf16 autocast" in proc.stdout
+    assert "laser-int8+coded-checkpoint r16: the step's reruns (`report.recomputed`" in proc.stdout
     second = proc.stdout[proc.stdout.index(header) + len(header):]  # the fp32 target-shape table
     assert [r[0] for r in table_rows(second, header)] == ["none", "laser r16", "laser-recon r16", "checkpoint",
                                                           "laser-int8+checkpoint r16",

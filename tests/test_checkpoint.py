@@ -107,6 +107,11 @@ def test_raw_method_gives_the_twins_gradients_and_names_the_twins_sites():
               if row.name.startswith("block.")}
     inside.pop("block.norm/input:32")
     assert rebuilt == inside and len(inside) >= 4
+    tensors, raw, stored = report.recomputed_totals()
+    assert (tensors, raw) == (sum(r.tensors for r in report.recomputed), sum(r.raw_bytes for r in report.recomputed))
+    assert stored == raw  # the raw method stores what it saw
+    assert f"{tensors} tensors over {len(report.recomputed)} sites" in str(report)
+    assert [row["name"] for row in report.to_dict()["recomputed"]] == [r.name for r in report.recomputed]
     # The totals are what the forward left for backward: the checkpointed calls' inputs and the loss.
     assert report.raw_bytes < reference.raw_bytes
     assert not any(row.name.startswith("block/") and "gelu" in row.name for row in report.sites)

@@ -132,7 +132,7 @@ def test_halves_of_a_coded_storage_decode_by_their_own_columns(monkeypatch):
     def spy(self, packed):
         out = unpack(self, packed)
         if packed.tensor is None and not packed.factored():
-            seen.append((packed.by_columns(), packed.entry.record.views, tuple(out.shape)))
+            seen.append((packed.column_block() is not None, packed.entry.record.views, tuple(out.shape)))
         return out
 
     monkeypatch.setattr(laser.hooks.ActivationMethod, "_unpack", spy)

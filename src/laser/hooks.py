@@ -37,6 +37,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 
@@ -114,7 +115,7 @@ _KINDS = {f: kind for kind, fs in ((SPATIAL, _SPATIAL_FUNCTIONS), (MASK, _MASK_F
 _KINDS[F.scaled_dot_product_attention] = ATTENTION
 _KINDS[F.linear] = LINEAR
 _PLAIN = (torch.Tensor, nn.Parameter)
-_ACTIVE = threading.local()  # .stack: the methods this thread is inside, innermost last
+_ACTIVE = threading.local()  # .stack: see _active_stack
 
 
 class CodedSaves:
@@ -124,9 +125,16 @@ class CodedSaves:
     method: ActivationMethod
 
 
+def _active_stack() -> list[ActivationMethod]:
+    """The methods this thread is inside ``with method:`` of, innermost last."""
+    if not hasattr(_ACTIVE, "stack"):
+        _ACTIVE.stack = []
+    return _ACTIVE.stack
+
+
 def active_method() -> ActivationMethod | None:
     """The innermost method this thread is inside ``with method:`` of, or None."""
-    stack = getattr(_ACTIVE, "stack", None)
+    stack = _active_stack()
     return stack[-1] if stack else None
 
 
@@ -452,9 +460,15 @@ def view_columns(view: torch.Tensor, width: int) -> tuple[int, int, int] | None:
     Dimensions whose stride is a multiple of ``width`` move between rows; the others move within a row, and
     their extent from the view's first column must stay inside it.
     """
-    first = view.storage_offset() % width
+    return layout_columns(view.shape, view.stride(), view.storage_offset(), width)
+
+
+def layout_columns(shape: Sequence[int], strides: Sequence[int], offset: int,
+                   width: int) -> tuple[int, int, int] | None:
+    """:func:`view_columns` of a view given by its layout (sizes, strides, storage offset)."""
+    first = offset % width
     end = first + 1
-    for size, stride in zip(view.shape, view.stride(), strict=True):
+    for size, stride in zip(shape, strides, strict=True):
         if size > 1 and stride % width:
             if stride > width:
                 return None
@@ -550,15 +564,12 @@ class _Saved:
     of decoding.
     """
 
-    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset", "link", "columns")
+    __slots__ = ("entry", "tensor", "version", "size", "stride", "offset", "link")
 
     def __init__(self, entry: _Entry, tensor: torch.Tensor, link: LinearInput | None = None) -> None:
         self.entry, self.version, self.link = entry, tensor._version, link
         self.tensor = tensor.detach() if entry.record is None else None
         self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
-        # The block of columns this view reads of its storage's rows (None: whole rows, or a column-coded entry).
-        width = entry.account.dim
-        self.columns = view_columns(tensor, width) if entry.columns is None and width > 0 else None
         if entry.rows is not None:
             entry.saved.append(self)
         elif entry.record is not None:
@@ -568,9 +579,13 @@ class _Saved:
         """Whether backward gets this view as codes (a coded storage whose record gives them)."""
         return self.link is not None and self.entry.record.factored
 
-    def by_columns(self) -> bool:
-        """Whether backward decodes this view's columns alone (see :attr:`Packed.column_decode`)."""
-        return self.columns is not None and self.entry.record.column_decode
+    def column_block(self) -> tuple[int, int, int] | None:
+        """``(first, end, width)``: the part of its storage's rows this view reads, where backward decodes those
+        columns alone (a record with :attr:`Packed.column_decode`, rows of the site's width); else None."""
+        width = self.entry.account.dim
+        if not self.entry.record.column_decode or self.entry.columns is not None or width <= 0:
+            return None
+        return layout_columns(self.size, self.stride, self.offset, width)
 
     def count_view(self) -> None:
         """Count this view, now backed by the entry's record: a view to decode whole, by its columns, or a
@@ -578,7 +593,7 @@ class _Saved:
         if self.factored():
             self.entry.account.factored += 1
             self.link.basis = self.entry.record.basis
-        elif not self.by_columns():
+        elif self.column_block() is None:
             self.entry.record.views += 1
 
 
@@ -698,7 +713,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
                     self._remember_weights()
                 self._active += 1
             self._namer.restart()
-            _ACTIVE.__dict__.setdefault("stack", []).append(self)
+            _active_stack().append(self)
             super().__enter__()
             self._thread.mode = _SaverMode(self if self.factored_linears else None)
             self._thread.mode.__enter__()
@@ -711,7 +726,7 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             self._thread.mode.__exit__(*exc)
             self._thread.mode = None
             super().__exit__(*exc)
-            _ACTIVE.stack.remove(self)
+            _active_stack().remove(self)
             with self._lock:
                 self._active -= 1
                 if self._active == 0:
@@ -790,16 +805,16 @@ class ActivationMethod(torch.autograd.graph.saved_tensors_hooks):
             packed.link.factors = record.factors(packed.offset // width, packed.size.numel() // width)
             return packed.entry.probe.new_empty(0)  # a stand-in: the linear's backward reads the factors
         start = time.perf_counter()
-        if packed.by_columns():
-            first, end, width = packed.columns
-            block = record.decode_columns(first, end)  # (N, end - first)
-            self.seconds["decode"] += time.perf_counter() - start
+        columns = packed.column_block()
+        if columns is None:
+            view = record.decoded().as_strided(packed.size, packed.stride, packed.offset)
+        else:  # the view's columns alone, as rows of their own width
+            first, end, width = columns
             count = end - first
             stride = [s // width * count if s % width == 0 else s for s in packed.stride]
-            return block.as_strided(packed.size, stride, packed.offset // width * count)
-        flat = record.decoded()
+            view = record.decode_columns(first, end).as_strided(packed.size, stride, packed.offset // width * count)
         self.seconds["decode"] += time.perf_counter() - start
-        return flat.as_strided(packed.size, packed.stride, packed.offset)
+        return view
 
     def _saver_kind(self) -> str | None:
         mode = getattr(self._thread, "mode", None)

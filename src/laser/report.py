@@ -77,6 +77,11 @@ class Report:
         """Fraction of saved-activation bytes removed, in [0, 1] unless the method costs memory."""
         return 1.0 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
 
+    def recomputed_totals(self) -> tuple[int, int, int]:
+        """``(tensors, raw bytes, stored bytes)`` of the :attr:`recomputed` sites over the step."""
+        rows = self.recomputed
+        return sum(s.tensors for s in rows), sum(s.raw_bytes for s in rows), sum(s.stored_bytes for s in rows)
+
     def site(self, name: str) -> SiteReport:
         """The row of one site by name (KeyError listing the sites when absent)."""
         for row in self.sites:
@@ -131,10 +136,9 @@ class Report:
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         title = f"{self.method or 'method'} @ step {self.step}"
         if self.recomputed:
-            lines.append(f"recomputed in backward, one checkpointed call at a time: "
-                         f"{sum(s.tensors for s in self.recomputed)} tensors over {len(self.recomputed)} sites, "
-                         f"raw {format_bytes(sum(s.raw_bytes for s in self.recomputed))}, "
-                         f"stored {format_bytes(sum(s.stored_bytes for s in self.recomputed))}")
+            tensors, raw, stored = self.recomputed_totals()
+            lines.append(f"recomputed in backward, one checkpointed call at a time: {tensors} tensors over "
+                         f"{len(self.recomputed)} sites, raw {format_bytes(raw)}, stored {format_bytes(stored)}")
         return "\n".join([title, *lines])
 
 
