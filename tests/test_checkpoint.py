@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
 import weakref
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 import laser
 from laser import recompute
+from laser.models import looped_lm
 from laser.models.trm import TRM, TRMConfig
 
 RANK = 8
@@ -393,3 +395,17 @@ def test_ddp_gradients_through_the_coded_rerun_equal_the_twins(ranks_results):
             _assert_equal(got, want, atol=1e-5)
     for got, other in zip(results[0]["got"], results[1]["got"], strict=True):
         _assert_equal(got, other, atol=1e-6)  # averaged across the ranks
+
+
+def test_looped_lm_coded_recompute_matches_torch_checkpoint_and_is_validated():
+    cfg = dataclasses.replace(looped_lm.preset("text-tiny"), checkpoint=True)
+    torch.manual_seed(0)
+    twin = looped_lm.LoopedLM(cfg)
+    model = looped_lm.LoopedLM(dataclasses.replace(cfg, coded_recompute=True))
+    model.load_state_dict(twin.state_dict())
+    tokens = torch.randint(0, 256, (2, 32))
+    method = laser.methods.build("none", model)
+    _assert_equal(_grads(model, tokens, method), _grads(twin, tokens), atol=1e-6)
+    assert method.report().recomputed  # the loops' block stacks were rerun through laser.checkpoint
+    with pytest.raises(ValueError, match="LoopedLMConfig.coded_recompute .*checkpoint=True"):
+        looped_lm.LoopedLMConfig(coded_recompute=True)
