@@ -184,17 +184,43 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(dtype)
 
 
+def grid_neighbours(side: int) -> Tensor:
+    """(L, L) bool, L = side * side: True where two cells of a row-major side x side grid are the same cell or
+    one step apart up, down, left or right."""
+    if side < 1:
+        raise ValueError(f"grid_neighbours: side must be >= 1, got {side}")
+    cells = torch.arange(side * side)
+    row, col = cells.div(side, rounding_mode="floor"), cells.remainder(side)
+    distance = (row[:, None] - row[None, :]).abs() + (col[:, None] - col[None, :]).abs()
+    return distance <= 1
+
+
+def local_heads_bias(side: int, heads: int, local: int) -> Tensor:
+    """Additive attention bias (heads, L, L), fp32: the first `local` heads see only a cell and its 4 grid
+    neighbours (-inf elsewhere), the other heads everything (0)."""
+    if not 0 <= local <= heads:
+        raise ValueError(f"local_heads_bias: local heads must be in [0, {heads}], got {local}")
+    bias = torch.zeros(heads, side * side, side * side)
+    bias[:local].masked_fill_(~grid_neighbours(side), float("-inf"))
+    return bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused bias-free `qkv` (D -> 3D), RoPE on q and k,
     `F.scaled_dot_product_attention`, bias-free output projection `o` (D -> D). Non-causal (the TRM) unless
-    `causal` (a language model: position i attends to positions <= i)."""
+    `causal` (a language model: position i attends to positions <= i). `bias`: an optional fixed additive
+    attention bias (heads, L, L), e.g. `local_heads_bias`, kept as a non-persistent buffer."""
 
-    def __init__(self, hidden: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, hidden: int, heads: int, causal: bool = False, bias: Tensor | None = None) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"Attention: hidden ({hidden}) must be divisible by heads ({heads})")
+        if bias is not None and (causal or bias.ndim != 3 or bias.shape[0] != heads or bias.shape[1] != bias.shape[2]):
+            raise ValueError(f"Attention: bias must be (heads={heads}, L, L) and needs causal=False, got "
+                             f"{tuple(bias.shape)} with causal={causal}")
         self.heads, self.causal = heads, causal
         self.head_dim = hidden // heads
+        self.register_buffer("bias", bias, persistent=False)
         self.qkv = CastedLinear(hidden, 3 * hidden, bias=False)
         self.o = CastedLinear(hidden, hidden, bias=False)
 
@@ -206,7 +232,8 @@ class Attention(nn.Module):
         if cos_sin is not None:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
+        mask = None if self.bias is None else self.bias[:, :L, :L].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, L, hd)
         return self.o(out.transpose(1, 2).reshape(B, L, D))
 
 

@@ -34,6 +34,7 @@ from laser.models.layers import (
     SwiGLU,
     check_recompute,
     checkpointed,
+    local_heads_bias,
     rms_norm,
     swiglu_inter,
     trunc_normal_,
@@ -56,6 +57,9 @@ class TRMConfig:
         "learned" option).
     rope_2d: rotary positions over the (row, column) of a square grid (seq_len must be a square and the
         head dim divisible by 4) instead of the flat index; grid tasks learn relative moves much sooner.
+    local_heads: the first local_heads attention heads of every block see only a cell and its 4 neighbours of the
+        square grid (seq_len must be a square); the others see everything. A local rule that can be applied
+        again at every recursion step, as cellular automata and flood fills are.
     checkpoint: recompute each `net` call of the grad cycle in backward (activation checkpointing).
     coded_recompute: with checkpoint, recompute through `laser.checkpoint`: inside `with method:` the
         recomputed activations are stored by the method (codes) instead of raw by the checkpoint; outside,
@@ -79,6 +83,7 @@ class TRMConfig:
     rope: bool = True
     rope_theta: float = 10000.0
     rope_2d: bool = False
+    local_heads: int = 0
     checkpoint: bool = False
     coded_recompute: bool = False
     n_sup: int = 1
@@ -111,6 +116,13 @@ class TRMConfig:
                     f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
                     "or change seq_len/hidden/heads"
                 )
+        if isinstance(self.local_heads, bool) or not isinstance(self.local_heads, int) \
+                or not 0 <= self.local_heads <= self.heads:
+            raise ValueError(f"TRMConfig.local_heads must be an integer in [0, heads={self.heads}], "
+                             f"got {self.local_heads!r}")
+        if self.local_heads and math.isqrt(self.seq_len) ** 2 != self.seq_len:
+            raise ValueError(f"TRMConfig.local_heads needs a square grid, but seq_len={self.seq_len} is not a "
+                             "square; set local_heads=0 or change seq_len")
         check_recompute("TRMConfig", self.checkpoint, self.coded_recompute)
         for name in ("expansion", "rope_theta", "path_weight", "norm_eps"):
             value = getattr(self, name)
@@ -211,7 +223,8 @@ class Block(nn.Module):
     def __init__(self, cfg: TRMConfig) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        self.attn = Attention(cfg.hidden, cfg.heads)
+        bias = local_heads_bias(math.isqrt(cfg.seq_len), cfg.heads, cfg.local_heads) if cfg.local_heads else None
+        self.attn = Attention(cfg.hidden, cfg.heads, bias=bias)
         self.mlp = SwiGLU(cfg.hidden, cfg.expansion)
 
     def forward(self, h: Tensor, cos_sin: CosSin | None) -> Tensor:
