@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -12,7 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laser.models.layers import RotaryEmbedding, apply_rotary, rms_norm, swiglu_inter, trunc_normal_
+import laser
+from laser.models.layers import (
+    Attention,
+    RotaryEmbedding,
+    apply_rotary,
+    grid_neighbours,
+    local_heads_bias,
+    rms_norm,
+    swiglu_inter,
+    trunc_normal_,
+)
 from laser.models.trm import PRESETS, TRM, TRMConfig, count_parameters, log_stablemax, preset
 
 VOCAB = 5
@@ -144,6 +155,10 @@ def test_presets():
         ({"rope_2d": True, "seq_len": 120}, "rope_2d"),  # not a square grid
         ({"rope_2d": True, "hidden": 24, "heads": 4}, "rope_2d"),  # head dim 6: no row and column pairs
         ({"rope_2d": True, "rope": False}, "rope_2d"),
+        ({"local_heads": 9}, "local_heads"),  # the default has 8 heads
+        ({"local_heads": -1}, "local_heads"),
+        ({"local_heads": True}, "local_heads"),
+        ({"local_heads": 1, "seq_len": 120}, "square"),
     ],
 )
 def test_invalid_config_raises(overrides, field):
@@ -491,3 +506,63 @@ def test_linear_init_is_lecun():
     assert qkv.std().item() == pytest.approx(1 / math.sqrt(512), rel=0.02)
     # Embedded tokens have unit scale: weight std 1/sqrt(D), multiplied by sqrt(D).
     assert model.embed(torch.arange(5)).std().item() == pytest.approx(1.0, rel=0.1)
+
+
+# ----------------------------------------------------------------------------------------- local heads
+@settings(max_examples=20, deadline=None)
+@given(side=st.integers(1, 9))
+def test_grid_neighbours_are_the_cell_and_its_four_neighbours(side):
+    got = grid_neighbours(side)
+    for a in range(side * side):
+        for b in range(side * side):
+            (ra, ca), (rb, cb) = divmod(a, side), divmod(b, side)
+            assert bool(got[a, b]) == (abs(ra - rb) + abs(ca - cb) <= 1)
+    assert got.sum() == side * side + 4 * side * (side - 1)  # self + both directions of every grid edge
+
+
+def _identity_out(attn: Attention) -> Attention:
+    """The attention with its output projection set to the identity: the output is the heads' outputs
+    side by side."""
+    with torch.no_grad():
+        attn.o.weight.copy_(torch.eye(attn.o.in_features))
+    return attn
+
+
+def test_local_heads_read_only_the_cell_and_its_neighbours():
+    # 2 heads of width 4 on a 4x4 grid; head 0 local, head 1 global. Cell 5 = (1, 1): neighbours 1, 4, 6, 9.
+    torch.manual_seed(0)
+    attn = _identity_out(Attention(8, 2, bias=local_heads_bias(4, heads=2, local=1)))
+    x = torch.randn(3, 16, 8, requires_grad=True)
+    out = attn(x)
+    grad = torch.autograd.grad(out[:, 5, :4].sum(), x)[0]  # the local head's output at cell 5
+    reads = grad.abs().sum(dim=(0, 2)) > 0
+    assert reads.nonzero().flatten().tolist() == [1, 4, 5, 6, 9]
+    grad_global = torch.autograd.grad(attn(x)[:, 5, 4:].sum(), x)[0]
+    assert (grad_global.abs().sum(dim=(0, 2)) > 0).all()  # the global head reads every cell
+
+
+def test_local_heads_bias_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="local heads"):
+        local_heads_bias(4, heads=2, local=3)
+    with pytest.raises(ValueError, match="bias"):
+        Attention(8, 2, bias=local_heads_bias(4, heads=4, local=1))  # 4 heads of bias for 2 heads
+    with pytest.raises(ValueError, match="causal"):
+        Attention(8, 2, causal=True, bias=local_heads_bias(4, heads=2, local=1))
+
+
+def test_local_heads_model_trains_and_laser_at_full_rank_equals_the_twin():
+    torch.manual_seed(0)
+    model = TRM(tiny(seq_len=16, local_heads=1))
+    assert model.state_dict().keys() == TRM(tiny(seq_len=16)).state_dict().keys()  # the bias is not saved
+    twin = copy.deepcopy(model)
+    inputs, targets = tokens(4, 16), tokens(4, 16, seed=1)
+    comp = laser.Compressor(model, laser.LaserConfig(rank=256, max_rank=256, min_numel=0))
+    with comp:
+        model.loss(model(inputs), targets).backward()
+    twin.loss(twin(inputs), targets).backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+    # The local head changes the model: the same weights without it give other logits.
+    plain = TRM(tiny(seq_len=16))
+    plain.load_state_dict(twin.state_dict())
+    assert not torch.allclose(plain(inputs), twin(inputs))
