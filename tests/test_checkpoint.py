@@ -397,6 +397,44 @@ def test_ddp_gradients_through_the_coded_rerun_equal_the_twins(ranks_results):
         _assert_equal(got, other, atol=1e-6)  # averaged across the ranks
 
 
+def _fsdp_worker(rank: int, world: int, store: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = _Checkpointed(coded=True)
+    twin = copy.deepcopy(model)
+    twin.coded = False
+    for m in (model, twin):  # the checkpointed block is its own FSDP unit, as a transformer block would be
+        fully_shard(m.inner)
+        fully_shard(m)
+    method = laser.methods.build("laser", model, rank=RANK, min_numel=0, policy="paper")
+    full = lambda grads: [g.full_tensor() if isinstance(g, DTensor) else g for g in grads]  # noqa: E731
+    got, want = [], []
+    for step in range(3):
+        x = _low_rank(8, 12, 48, seed=10 * step + rank)  # each rank its own shard of the batch
+        got.append(full(_grads(model, x, method)))
+        want.append(full(_grads(twin, x)))
+    report = method.report()
+    torch.save({"got": got, "want": want, "factored": sum(r.factored for r in report.recomputed),
+                "recomputed": len(report.recomputed)}, os.path.join(out, f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_fsdp2_gradients_through_the_coded_rerun_equal_the_twins(ranks_results):
+    # FSDP2 all-gathers the block's weights for the rerun in backward and reduce-scatters the factored
+    # weight gradients like the twin's.
+    results = ranks_results(_fsdp_worker)
+    for result in results:
+        assert result["recomputed"] > 0 and result["factored"] == 3
+        for got, want in zip(result["got"], result["want"], strict=True):
+            _assert_equal(got, want, atol=1e-5)
+    for got, other in zip(results[0]["got"], results[1]["got"], strict=True):
+        _assert_equal(got, other, atol=0.0)  # the full gradients are the same on both ranks
+
+
 def test_looped_lm_coded_recompute_matches_torch_checkpoint_and_is_validated():
     cfg = dataclasses.replace(looped_lm.preset("text-tiny"), checkpoint=True)
     torch.manual_seed(0)
