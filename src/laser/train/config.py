@@ -156,7 +156,7 @@ class TrainConfig:
         checkpoint_every: save a checkpoint every this many steps (0: only at the end of ``train``).
         grad_probe_at: fractions of training at which gradient fidelity is measured (empty: never).
         grad_probe_batch: mazes in each of the two fixed validation batches of the gradient probe.
-        grad_probe_sites: also measure it with one site compressed at a time.
+        grad_probe_sites: at the last probe, also measure it with one site compressed at a time.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; under torchrun each
             process takes ``cuda:LOCAL_RANK``.
         parallel: how a run of several processes (torchrun) shares the model: ``"ddp"`` replicates it,
