@@ -566,3 +566,17 @@ def test_local_heads_model_trains_and_laser_at_full_rank_equals_the_twin():
     plain = TRM(tiny(seq_len=16))
     plain.load_state_dict(twin.state_dict())
     assert not torch.allclose(plain(inputs), twin(inputs))
+
+
+def test_local_heads_keep_attention_on_the_fused_kernel():
+    # The math fallback of CPU attention would save the (B, H, L, L) probabilities of every call.
+    model = TRM(tiny(seq_len=16, hidden=24, local_heads=1))  # head dim 12: q, k, v are (3, 2, 16, 12)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens(3, 16))
+    assert shapes and (3, 2, 16, 16) not in shapes

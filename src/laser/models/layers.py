@@ -232,7 +232,9 @@ class Attention(nn.Module):
         if cos_sin is not None:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        mask = None if self.bias is None else self.bias[:, :L, :L].to(q.dtype)
+        # (1, H, L, L): a 4D mask keeps CPU attention on its fused kernel (a 3D one falls back to the math path,
+        # which saves the (B, H, L, L) probabilities).
+        mask = None if self.bias is None else self.bias[None, :, :L, :L].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, L, hd)
         return self.o(out.transpose(1, 2).reshape(B, L, D))
 
