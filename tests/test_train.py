@@ -146,10 +146,18 @@ def test_presets_and_unknown_preset():
     assert (paper.grad_clip, paper.precision) == (1.0, "bf16")
     assert (paper.data.size, paper.data.count, paper.data.val_count) == (11, 10_000, 1_000)
     assert paper.total_steps == 16 * (9_000 // 64)
-    for name in ("paper-cpu", "quick", "tiny"):
+    for name in ("paper-cpu", "quick", "quick11", "tiny"):
         assert train_preset(name).model.seq_len == train_preset(name).data.size ** 2
-    with pytest.raises(ValueError, match="paper, paper-cpu, quick, tiny"):
+    with pytest.raises(ValueError, match="paper, paper-cpu, quick, quick11, tiny"):
         train_preset("huge")
+
+
+def test_quick11_is_the_measured_recipe():
+    # The run its docstring reports (results/maze11.md, m11-local8-sup4), as command-line overrides of "quick".
+    run = apply_overrides(train_preset("quick"), [
+        "data.size=11", "eval_every=250", "checkpoint_every=250", "model.local_heads=8", "model.n_sup=4",
+        "data.curriculum_epochs=1", "max_steps=3000"])
+    assert train_preset("quick11") == run
 
 
 def test_config_round_trips_through_json():
