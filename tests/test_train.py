@@ -295,9 +295,9 @@ def test_the_step_peak_leaves_out_what_the_probes_allocate(monkeypatch):
     big = 256 * 2**20  # a probe holding 256 MiB: the process peak sees it, the training steps' peak must not
     real_probe = Trainer.gradient_probe
 
-    def heavy_probe(self):
+    def heavy_probe(self, sites=True):
         ballast = torch.ones(big // 8, dtype=torch.float64)
-        out = real_probe(self)
+        out = real_probe(self, sites)
         del ballast
         return out
 
