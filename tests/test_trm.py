@@ -542,6 +542,8 @@ def test_local_heads_read_only_the_cell_and_its_neighbours():
 
 
 def test_local_heads_bias_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="side"):
+        grid_neighbours(0)
     with pytest.raises(ValueError, match="local heads"):
         local_heads_bias(4, heads=2, local=3)
     with pytest.raises(ValueError, match="bias"):
@@ -580,3 +582,19 @@ def test_local_heads_keep_attention_on_the_fused_kernel():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens(3, 16))
     assert shapes and (3, 2, 16, 16) not in shapes
+
+
+def test_local_heads_under_autocast_save_one_mask_for_every_call():
+    # A cast of the fp32 bias per call would keep one (1, H, L, L) copy per recursion step.
+    model = TRM(tiny(seq_len=16, hidden=24, local_heads=1, L_cycles=3))
+    masks = []
+
+    def pack(t):
+        if t.shape == (1, 2, 16, 16):
+            masks.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens(3, 16)).float().sum().backward()
+    assert len(masks) == 4 and len(set(masks)) == 1  # 3 latent updates + 1 answer update, one storage
+    assert TRMConfig(seq_len=121).side == 11 and TRMConfig(seq_len=120).side is None

@@ -221,6 +221,7 @@ class Attention(nn.Module):
         self.heads, self.causal = heads, causal
         self.head_dim = hidden // heads
         self.register_buffer("bias", bias, persistent=False)
+        self._cast: Tensor | None = None  # the bias in another dtype (autocast), made once
         self.qkv = CastedLinear(hidden, 3 * hidden, bias=False)
         self.o = CastedLinear(hidden, hidden, bias=False)
 
@@ -232,11 +233,20 @@ class Attention(nn.Module):
         if cos_sin is not None:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        # (1, H, L, L): a 4D mask keeps CPU attention on its fused kernel (a 3D one falls back to the math path,
-        # which saves the (B, H, L, L) probabilities).
-        mask = None if self.bias is None else self.bias[None, :, :L, :L].to(q.dtype)
+        mask = None if self.bias is None else self._mask(q.dtype, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, L, hd)
         return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+    def _mask(self, dtype: torch.dtype, length: int) -> Tensor:
+        """The bias as a (1, H, L, L) mask in the attention's dtype. A 4D mask keeps CPU attention on its fused
+        kernel (a 3D one falls back to the math path, which saves the (B, H, L, L) probabilities). A cast is made
+        once and reused, so every call saves the same storage instead of a copy per recursion step."""
+        bias = self.bias
+        if bias.dtype != dtype:
+            if self._cast is None or self._cast.dtype != dtype or self._cast.device != bias.device:
+                self._cast = bias.to(dtype)
+            bias = self._cast
+        return bias[None, :, :length, :length]
 
 
 class SwiGLU(nn.Module):

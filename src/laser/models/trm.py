@@ -108,19 +108,17 @@ class TRMConfig:
                 f"TRMConfig.hidden / TRMConfig.heads (head dim {self.head_dim}) must be even for RoPE; "
                 "change hidden or heads, or set rope=False"
             )
-        if self.rope_2d:
-            side = self.grid
-            if not self.rope or side * side != self.seq_len or self.head_dim % 4:
-                raise ValueError(
-                    f"TRMConfig.rope_2d needs rope=True, a square seq_len and a head dim divisible by 4; got "
-                    f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
-                    "or change seq_len/hidden/heads"
-                )
+        if self.rope_2d and (not self.rope or self.side is None or self.head_dim % 4):
+            raise ValueError(
+                f"TRMConfig.rope_2d needs rope=True, a square seq_len and a head dim divisible by 4; got "
+                f"rope={self.rope}, seq_len={self.seq_len}, head dim {self.head_dim}; set rope_2d=False "
+                "or change seq_len/hidden/heads"
+            )
         if isinstance(self.local_heads, bool) or not isinstance(self.local_heads, int) \
                 or not 0 <= self.local_heads <= self.heads:
             raise ValueError(f"TRMConfig.local_heads must be an integer in [0, heads={self.heads}], "
                              f"got {self.local_heads!r}")
-        if self.local_heads and math.isqrt(self.seq_len) ** 2 != self.seq_len:
+        if self.local_heads and self.side is None:
             raise ValueError(f"TRMConfig.local_heads needs a square grid, but seq_len={self.seq_len} is not a "
                              "square; set local_heads=0 or change seq_len")
         check_recompute("TRMConfig", self.checkpoint, self.coded_recompute)
@@ -134,9 +132,15 @@ class TRMConfig:
             )
 
     @property
+    def side(self) -> int | None:
+        """Side of the square grid the sequence lays out in row-major order (seq_len a square), else None."""
+        side = math.isqrt(self.seq_len)
+        return side if side * side == self.seq_len else None
+
+    @property
     def grid(self) -> int | None:
         """Side of the square grid 2D RoPE positions index (rope_2d), else None."""
-        return math.isqrt(self.seq_len) if self.rope_2d else None
+        return self.side if self.rope_2d else None
 
     @property
     def head_dim(self) -> int:
@@ -223,7 +227,7 @@ class Block(nn.Module):
     def __init__(self, cfg: TRMConfig) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        bias = local_heads_bias(math.isqrt(cfg.seq_len), cfg.heads, cfg.local_heads) if cfg.local_heads else None
+        bias = local_heads_bias(cfg.side, cfg.heads, cfg.local_heads) if cfg.local_heads else None
         self.attn = Attention(cfg.hidden, cfg.heads, bias=bias)
         self.mlp = SwiGLU(cfg.hidden, cfg.expansion)
 
