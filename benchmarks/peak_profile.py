@@ -2,7 +2,8 @@
 
 ``step.py`` measures a step's peak; this says what it is made of. One warmed-up step of each method runs under
 ``torch.profiler`` with memory profiling. Replaying the profiler's allocation timeline gives the moment of the
-highest total. The tensors alive then are listed, grouped by the profiler's category (``PARAMETER``,
+highest total, and the profiler's nested events what was running then (autograd node > module > torch op). The
+tensors alive then are listed, grouped by the profiler's category (``PARAMETER``,
 ``OPTIMIZER_STATE``, ``GRADIENT``, ``ACTIVATION``, ``TEMPORARY``, ``AUTOGRAD_DETAIL``: tensors made inside
 autograd's backward, ``INPUT``, ``unknown``) and by size. The peak is above the memory alive when the step
 began; that starting memory is printed too, so the rise is the difference.
@@ -27,15 +28,16 @@ from common import VARIANTS, TrainingRun, Workload, check_device, markdown_table
 MIN_BYTES = 256 * 1024  # smaller tensors are summed into one row per category
 
 
-def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter]:
-    """``(start, peak, tensors)``: bytes alive on ``device`` when the profile began and at its peak, and the
+def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter, list[str]]:
+    """``(start, peak, tensors, where)``: bytes alive on ``device`` when the profile began and at its peak, the
     tensors alive at the peak as ``(category, bytes) -> count`` (tensors under :data:`MIN_BYTES` as
-    ``(category, 0)`` -> their summed bytes)."""
-    timeline = memory_profiler.MemoryProfileTimeline(prof._memory_profile())
+    ``(category, 0)`` -> their summed bytes), and what was running then (:func:`running_at`)."""
+    memory_profile = prof._memory_profile()
+    timeline = memory_profiler.MemoryProfileTimeline(memory_profile)
     live: dict[object, tuple[int, object]] = {}  # tensor -> (bytes, category of its current version)
-    total = start = best = 0
+    total = start = best = when = 0
     started, snapshot = False, {}
-    for _, action, (key, version), nbytes in timeline.timeline:
+    for time_ns, action, (key, version), nbytes in timeline.timeline:
         if key.device.type != device:
             continue
         if action != memory_profiler.Action.PREEXISTING and not started:
@@ -48,7 +50,7 @@ def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter]:
         elif action == memory_profiler.Action.DESTROY:
             total -= live.pop(key, (0, None))[0]
         if started and total > best:
-            best, snapshot = total, dict(live)
+            best, snapshot, when = total, dict(live), time_ns
     tensors: Counter = Counter()
     for nbytes, category in snapshot.values():
         name = category.name if category is not None else "unknown"
@@ -56,10 +58,19 @@ def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter]:
             tensors[(name, nbytes)] += 1
         else:
             tensors[(name, 0)] += nbytes
-    return start, best, tensors
+    return start, best, tensors, running_at(memory_profile._op_tree.sorted_nodes, when)
 
 
-def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Counter]:
+def running_at(events, time_ns: int) -> list[str]:
+    """The autograd nodes, modules and torch ops running at ``time_ns``, outermost first (the profiler's
+    nested events that contain that moment, Python frames left out)."""
+    inside = [e for e in events if e.start_time_ns <= time_ns <= e.end_time_ns]
+    keep = ("autograd::engine::evaluate_function: ", "nn.Module: ", "aten::")
+    names = [e.name for e in sorted(inside, key=lambda e: e.start_time_ns) if e.name.startswith(keep)]
+    return [name.removeprefix(keep[0]).removeprefix(keep[1]) for name in names]
+
+
+def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Counter, list[str]]:
     """Warm a run of ``spec`` up, then profile one step: :func:`live_at_peak` of it."""
     run = TrainingRun(workload, spec)
     for _ in range(warmup):
@@ -69,7 +80,7 @@ def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Count
     return live_at_peak(prof, workload.device)
 
 
-def table(start: int, peak: int, tensors: Counter) -> str:
+def table(start: int, peak: int, tensors: Counter, where: list[str]) -> str:
     """The tensors alive at the peak, largest groups first."""
     rows = []
     for (category, nbytes), count in sorted(tensors.items(), key=lambda kv: -(kv[0][1] * kv[1] or kv[1])):
@@ -77,7 +88,8 @@ def table(start: int, peak: int, tensors: Counter) -> str:
             rows.append([category, size(nbytes), str(count), size(nbytes * count)])
         else:
             rows.append([category, f"< {size(MIN_BYTES)}", "-", size(count)])
-    head = f"alive when the step began {size(start)}; at its peak {size(peak)} (rise {size(peak - start)})\n\n"
+    head = (f"alive when the step began {size(start)}; at its peak {size(peak)} (rise {size(peak - start)}), "
+            f"inside: {' > '.join(where) or '(no op)'}\n\n")
     return head + markdown_table(["category", "tensor", "count", "bytes"], rows)
 
 

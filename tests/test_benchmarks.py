@@ -424,17 +424,24 @@ def test_peak_profile_finds_the_tensors_alive_at_the_peak(capsys):
     peak_profile = load("peak_profile")
     mib = 2**20
     kept = torch.ones(mib // 4)  # 1 MiB, alive before the profile: part of the start
+
+    class Widen(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(2 * x.numel())
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         kept.mul_(2.0)  # seen by the profiler: a tensor that existed before it
         a = torch.ones(mib // 4)  # 1 MiB
-        b = torch.ones(mib // 2)  # 2 MiB: with a, the peak
+        b = Widen()(a)  # 2 MiB: with a, the peak, inside the module's torch.ones
         del a
         c = torch.ones(mib // 8)  # 0.5 MiB, after a was freed
         del b, c
-    start, peak, tensors = peak_profile.live_at_peak(prof, "cpu")
+    start, peak, tensors, where = peak_profile.live_at_peak(prof, "cpu")
     assert peak - start == 3 * mib and start >= mib
+    assert where[:2] == ["Widen_0", "aten::ones"], where
     assert sorted(n for (_, n), count in tensors.items() for _ in range(count) if n >= mib) == [mib, mib, 2 * mib]
     peak_profile.main(["--dims", "32", "--depths", "1", "--ranks", "8", "--batch", "2", "--maze", "5",
                        "--methods", "checkpoint", "laser-int8+coded-checkpoint", "--warmup", "1"])
     out = capsys.readouterr().out
     assert out.count("alive when the step began") == 2 and "#### laser-int8+coded-checkpoint r8" in out
+    assert out.count("inside: ") == 2
