@@ -140,3 +140,71 @@ def test_max_error_gives_each_site_the_rank_its_spectrum_needs():
     assert report.site("a/input:64").fidelity > 0.9999 and report.site("b/input:64").fidelity > 0.9999
     with pytest.raises(ValueError, match="max_error=1.5"):
         laser.LaserConfig(max_error=1.5)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(4, 40), k=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_memory_moves_with_the_basis_and_loses_nothing_inside_its_span(d, k, seed):
+    k = min(k, d)
+    g = torch.Generator().manual_seed(seed)
+    old = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64)).Q
+    rotation = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64)).Q
+    combined = old @ torch.randn(k, k, generator=g, dtype=torch.float64)  # a statistic inside span(old)
+    new = old @ rotation  # the same span, other coordinates (a power step's reordering)
+    memory = subspace.memory_in(new, combined, old)
+    # against the new basis, the carried statistic is C Q_new = combined @ (Q_old^T Q_new)
+    assert torch.allclose(new @ memory, combined @ rotation, atol=1e-10)
+    accumulator = torch.randn(d, k, generator=g, dtype=torch.float64)
+    assert torch.allclose(subspace.with_memory(accumulator, new, memory, 0.5),
+                          accumulator + 0.5 * combined @ rotation, atol=1e-10)
+    assert subspace.with_memory(accumulator, new, None, 0.5) is accumulator
+    assert subspace.with_memory(accumulator, new, memory, 0.0) is accumulator
+    grown = torch.cat([new, torch.zeros(d, 1, dtype=torch.float64)], dim=1)  # a rank the memory is not of
+    assert subspace.with_memory(torch.randn(d, k + 1, dtype=torch.float64), grown, memory, 0.5).shape == (d, k + 1)
+
+
+def alternating_fidelities(memory: float, steps: int = 12) -> tuple[list[float], laser.Compressor]:
+    """A linear layer fed two distributions in turn (each rank 2, in directions of their own), as a deep-
+    supervision step that restarts from a fixed state alternates with the others; the stored fidelity of
+    every step at rank 4, the two spans' sum."""
+    d, n = 64, 256
+    g = torch.Generator().manual_seed(0)
+    frame = torch.linalg.qr(torch.randn(d, 4, generator=g)).Q
+    phases = [frame[:, :2], frame[:, 2:]]
+    lin = nn.Linear(d, d, bias=False)
+    comp = laser.Compressor(lin, laser.LaserConfig(rank=4, memory=memory, min_numel=0, policy="paper"))
+    fidelities = []
+    for step in range(steps):
+        x = torch.randn(n, 2, generator=g) @ phases[step % 2].T
+        with comp:
+            lin(x).sum().backward()
+        fidelities.append(comp.report().site(SITE).fidelity)
+        comp.step()
+    return fidelities, comp
+
+
+def test_memory_keeps_the_directions_of_alternating_steps():
+    without, _ = alternating_fidelities(0.0)
+    remembered, comp = alternating_fidelities(0.75)
+    # Algorithm 1 fits each power step to the last step alone: the other phase's directions are lost
+    assert min(without[2:]) < 0.5
+    # with memory the basis holds both phases once each has been seen (step 2 expands by the second phase)
+    assert min(remembered[2:]) > 0.999
+    state = comp.sites[SITE]
+    assert state.resets == 0 and state.memory.shape == (state.basis.shape[1], state.basis.shape[1])
+    assert comp.report().site(SITE).state_bytes >= state.memory.numel() * 4
+
+
+def test_memory_resumes_exactly_from_a_state_dict():
+    _, comp = alternating_fidelities(0.75, steps=5)
+    again = laser.Compressor(nn.Linear(64, 64, bias=False), laser.LaserConfig(rank=4, memory=0.75, min_numel=0,
+                                                                                policy="paper"))
+    again.load_state_dict(comp.state_dict())
+    assert torch.equal(again.sites[SITE].memory, comp.sites[SITE].memory)
+
+
+def test_memory_outside_its_range_is_rejected_with_the_setting_named():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"memory=.* is invalid: must be in \[0, 1\)"):
+            laser.LaserConfig(memory=bad)

@@ -181,6 +181,13 @@ class LaserConfig(RankedFilter):
             energy, so the coded subspace converges at the rate of the ``(rank + oversample + 1)``-th
             singular value instead of the ``(rank + 1)``-th, for ``oversample / rank`` more projection FLOPs
             and no more stored bytes than the extra basis columns. 0: Algorithm 1.
+        memory: weight of the earlier steps' statistics in the power step, a forgetting factor in [0, 1):
+            ``Q <- orth(M_t + memory * M_{t-1}' )`` with ``M_{t-1}'`` the previous combined statistic carried
+            into the current basis (:func:`laser.subspace.with_memory`), so the basis follows the decayed sum
+            of the steps' covariances, about ``1 / (1 - memory)`` steps of them, instead of the last step
+            alone. It matters where consecutive training steps see different distributions at one site
+            (deep supervision whose steps restart from a fixed state): there each power step fits the last
+            one and the next fails the threshold. 0: Algorithm 1.
         max_error: a target instead of a rank: at initialisation and at every reset, each site gets the
             smallest rank (up to ``max_rank``) whose top-k SVD of its sampled rows has a relative
             reconstruction error ``||X - X_k|| / ||X||`` of at most this (``rank`` is then only the rank a site
@@ -224,6 +231,7 @@ class LaserConfig(RankedFilter):
     patience: int = 2
     power_iters: int = 1
     oversample: int = 0
+    memory: float = 0.0
     max_error: float | None = None
     accumulate_stride: int = 1
     policy: str = "guarded"
@@ -245,6 +253,8 @@ class LaserConfig(RankedFilter):
         _require(self.patience >= 1, "patience", self.patience, "must be >= 1")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, "must be >= 1")
         _require(self.oversample >= 0, "oversample", self.oversample, "must be >= 0 (0: Algorithm 1)")
+        _require(0.0 <= self.memory < 1.0, "memory", self.memory,
+                 "must be in [0, 1) (a forgetting factor; 0: Algorithm 1)")
         _require(self.max_error is None or 0.0 < self.max_error < 1.0, "max_error", self.max_error,
                  "must be in (0, 1) (a relative reconstruction error) or None")
         _require(self.accumulate_stride >= 1, "accumulate_stride", self.accumulate_stride,

@@ -81,6 +81,33 @@ def power_steps(accumulators: list[torch.Tensor]) -> list[torch.Tensor]:
     return bases
 
 
+def with_memory(accumulator: torch.Tensor, basis: torch.Tensor, memory: torch.Tensor | None,
+                weight: float) -> torch.Tensor:
+    """The step's statistic ``M = sum X^T (X Q)`` (D, k) plus ``weight`` times the earlier steps' one, carried
+    as ``memory`` (k, k) in the coordinates of ``basis`` (D, k): ``M + weight * Q @ memory``.
+
+    A power step on it tracks the top-k subspace of the decayed sum of the steps' covariances (restricted to
+    the span already tracked) instead of the last step's alone: where consecutive steps see different
+    distributions (a deep-supervision step that restarts from a fixed state, every few steps), the basis
+    keeps the directions of all of them. ``memory`` None, a shape of an earlier rank, or ``weight`` 0: ``M``.
+    """
+    if memory is None or weight == 0.0 or memory.shape != (basis.shape[1], accumulator.shape[1]):
+        return accumulator
+    return accumulator.addmm(basis, memory, alpha=weight)
+
+
+def memory_in(new_basis: torch.Tensor, combined: torch.Tensor, old_basis: torch.Tensor) -> torch.Tensor:
+    """``combined`` (D, k_old), a statistic made against ``old_basis`` (D, k_old), carried into the coordinates
+    of ``new_basis`` (D, k_new) as a (k_new, k_new) memory for :func:`with_memory`.
+
+    ``combined`` approximates ``C Q_old`` for a covariance ``C``; against the new basis that is
+    ``C Q_new ~ C Q_old Q_old^T Q_new``, kept as its coordinates in ``Q_new``:
+    ``(Q_new^T combined) (Q_old^T Q_new)``. What lies outside the new span is dropped, so the memory costs
+    k x k, not D x k; where the new basis spans ``combined`` (after a power step) nothing is lost.
+    """
+    return (new_basis.T @ combined) @ (old_basis.T @ new_basis)
+
+
 def top_k_basis(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The top-``k`` right singular vectors of ``x`` (N, D) as a (D, k) fp32 basis (the reset step).
 

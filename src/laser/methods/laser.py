@@ -46,6 +46,8 @@ class SiteState:
         weak: positions (the order of a step's tracked tensors at the site: its recursion steps) whose own
             fidelity was under the threshold, or not finite, in the last step that checked them without
             reading the device (the guarded policy on an accelerator); those positions are stored raw.
+        memory: with ``LaserConfig.memory``, the earlier steps' statistic in the coordinates of ``basis``
+            ((k + p, k + p) fp32, :func:`laser.subspace.memory_in`); ``None`` before the site's first update.
     """
 
     dim: int
@@ -60,6 +62,7 @@ class SiteState:
     fidelity: float = 1.0
     nonfinite_steps: int = 0
     weak: tuple[int, ...] = ()
+    memory: torch.Tensor | None = None
 
 
 @dataclass
@@ -315,6 +318,10 @@ class Compressor(ActivationMethod):
         self._read_checks([(state, stats) for _, state, stats in live])
         measured = [stats for _, state, stats in live if state.basis is not None and stats.accumulator is not None]
         sums = dict(zip(map(id, measured), read_sums([stats.tracked for stats in measured]), strict=True))
+        remembered = [(state, stats, state.basis) for _, state, stats in live
+                      if cfg.memory and state.basis is not None and stats.accumulator is not None]
+        for state, stats, basis in remembered:
+            stats.accumulator = subspace.with_memory(stats.accumulator, basis, state.memory, cfg.memory)
         powers = [(state, stats) for site, state, stats in live
                   if self._update_site(site, state, stats, sums.get(id(stats)))]
         for (state, stats), basis in zip(powers, subspace.power_steps([s.accumulator for _, s in powers]),
@@ -322,6 +329,9 @@ class Compressor(ActivationMethod):
             for _ in range(cfg.power_iters - 1):
                 basis = subspace.power_step(stats.sample.T @ (stats.sample @ basis))
             state.basis, state.low_steps, state.resets_in_a_row = basis, 0, 0
+        for state, stats, old in remembered:  # whatever changed the basis (power step, expansion, reset)
+            if not state.untracked:
+                state.memory = subspace.memory_in(state.basis, stats.accumulator, old)
 
     @staticmethod
     def _read_checks(sites: list[tuple[SiteState, StepStats]]) -> None:
@@ -458,7 +468,7 @@ class Compressor(ActivationMethod):
         stats = self.stats.get(site)
         if state is None or stats is None:
             return super().site_row(site, account)
-        state_bytes = stats.nbytes()
+        state_bytes = stats.nbytes() + (tensor_bytes(state.memory) if state.memory is not None else 0)
         return SiteReport(site, account.dim, stats.rank or account.dim, stats.stored.cosine(), account.raw_bytes,
                           account.stored_bytes + state_bytes, account.tensors, state.expansions, state.resets,
                           account.fallbacks, dict(account.reasons), state_bytes, account.factored)
