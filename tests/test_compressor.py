@@ -630,6 +630,7 @@ def test_include_and_exclude_patterns_select_sites():
         ("patience", 0, "patience"),
         ("power_iters", 0, "power_iters"),
         ("accumulate_stride", 0, "accumulate_stride"),
+        ("retry_after", 0, "retry_after=0 is invalid: must be >= 1"),
         ("fold_to", -1, "fold_to"),
         ("policy", "fast", "'paper' or 'guarded'"),
         ("matmul_dtype", "bfloat16", "'auto'.*'float32'"),

@@ -379,6 +379,60 @@ def test_a_site_that_never_reaches_its_threshold_stops_being_tracked():
     assert comp.seconds["encode"] - before < 0.05
 
 
+def _untracked_history(comp: laser.Compressor, lin: nn.Linear, batches) -> list[bool]:
+    """Whether the site was stored raw as untracked at each step of ``batches``."""
+    history = []
+    for x in batches:
+        with comp:
+            lin(x).sum().backward()
+        history.append(comp.report().site("Linear/input:64").reasons.get(Reason.UNTRACKED, 0) > 0)
+        comp.step()
+    return history
+
+
+def test_an_untracked_site_is_retried_with_exponential_back_off():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    cfg = laser.LaserConfig(rank=4, max_rank=8, min_numel=0, patience=1, max_resets=0, retry_after=3, policy="paper")
+    comp = laser.Compressor(lin, cfg)
+    history = _untracked_history(comp, lin, [torch.randn(512, 64) for _ in range(30)])  # never compresses
+    # Steps 0 (initialisation) and 1 (low: a reset is due, none allowed) are tracked; then raw for 3, 6, 12
+    # steps, each retry tracked for two steps (its initialisation and its low step), as step 0 and 1 were.
+    tracked = [i for i, raw in enumerate(history) if not raw]
+    assert tracked == [0, 1, 5, 6, 13, 14, 27, 28]
+    assert comp.sites["Linear/input:64"].retries == 3
+
+
+def test_a_retried_site_compresses_once_its_stream_does_and_never_retried_without_retry_after():
+    torch.manual_seed(0)
+    mix = torch.linalg.qr(torch.randn(64, 4)).Q.T  # (4, 64): a rank-4 stream
+    batches = [torch.randn(512, 64) for _ in range(6)] + [torch.randn(512, 4) @ mix for _ in range(20)]
+    for retry_after, compresses in [(None, False), (4, True)]:
+        lin = nn.Linear(64, 64)
+        comp = laser.Compressor(lin, laser.LaserConfig(rank=4, min_numel=0, patience=1, max_resets=1,
+                                                       retry_after=retry_after, policy="paper"))
+        history = _untracked_history(comp, lin, batches)
+        assert history[5] and history[-1] != compresses
+        row = comp.report().site("Linear/input:64")
+        assert (row.stored_bytes - row.state_bytes < row.raw_bytes / 4) == compresses  # codes and basis
+        if compresses:
+            assert row.fidelity > 0.999
+
+
+def test_retry_schedule_survives_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    cfg = laser.LaserConfig(rank=4, max_rank=8, min_numel=0, patience=1, max_resets=0, retry_after=5, policy="paper")
+    batches = [torch.randn(512, 64) for _ in range(16)]
+    lin = nn.Linear(64, 64)
+    straight = _untracked_history(laser.Compressor(lin, cfg), lin, batches)
+    first = laser.Compressor(lin, cfg)
+    resumed_history = _untracked_history(first, lin, batches[:4])
+    again = laser.Compressor(lin, cfg)
+    again.load_state_dict(first.state_dict())
+    resumed_history += _untracked_history(again, lin, batches[4:])
+    assert resumed_history == straight and straight.count(False) == 4  # steps 0, 1 and the retry at 7, 8
+
+
 def test_expansions_count_only_growth():
     torch.manual_seed(0)
     lin = nn.Linear(64, 64)

@@ -217,6 +217,10 @@ class LaserConfig(RankedFilter):
         max_resets: a site still under ``threshold`` when a reset is due after this many resets in a row is
             no longer tracked: stored raw from then on (reason ``"untracked"``), so a model on which nothing
             compresses costs what the hooks cost, not an SVD every ``patience`` steps.
+        retry_after: steps an untracked site stays raw before it starts again from a fresh initialisation
+            (activations early in training are not those of later steps), doubled after each further failure:
+            a site that never compresses is retried about ``log2(steps / retry_after)`` times in a run, each
+            costing at most ``patience * (max_resets + 1)`` steps of tracking. ``None``: never retried.
         seed: seed of the compressor's own generator (row sampling, random completions).
         sync: in a distributed run, all-reduce the statistics so every rank holds the same bases.
         factored: a linear layer's coded input gives its weight gradient as ``(dY^T Z) Q^T`` (DESIGN hard
@@ -239,6 +243,7 @@ class LaserConfig(RankedFilter):
     quantize: str | None = None
     reset_rows: int | None = None
     max_resets: int = 3
+    retry_after: int | None = None
     seed: int = 0
     sync: bool = True
     factored: bool = True
@@ -267,6 +272,8 @@ class LaserConfig(RankedFilter):
                  f"must be >= the largest starting rank ({self.largest_rank}, rank or site_ranks); raise reset_rows "
                  "or lower the rank, or leave reset_rows unset (max(1024, 2 * that rank))")
         _require(self.max_resets >= 0, "max_resets", self.max_resets, "must be >= 0")
+        _require(self.retry_after is None or self.retry_after >= 1, "retry_after", self.retry_after,
+                 "must be >= 1 (steps before an untracked site is retried) or None (never retried)")
 
     def rank_ceiling(self, site: str) -> int:
         """``max_rank``, or when unset the default it derives from the site's starting rank (none with

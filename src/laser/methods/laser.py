@@ -40,7 +40,10 @@ class SiteState:
         resets_in_a_row: resets since the site last reached its threshold.
         frozen: the rank passed break-even for any batch size: stored raw, no longer tracked.
         untracked: still under the threshold when a reset was due after ``max_resets`` resets in a row:
-            stored raw, no longer tracked.
+            stored raw, not tracked until ``retry_at``.
+        retries: times the site was taken up again after it stopped being tracked (``LaserConfig.retry_after``).
+        retry_at: the training step (:attr:`Compressor.steps` numbering) an untracked site starts again from a
+            fresh initialisation; ``None``: never.
         fidelity: the last step's tracking fidelity ``||Z||/||X||`` over all of its coded tensors.
         nonfinite_steps: steps whose statistics were dropped because an activation was not finite.
         weak: positions (the order of a step's tracked tensors at the site: its recursion steps) whose own
@@ -59,6 +62,8 @@ class SiteState:
     resets_in_a_row: int = 0
     frozen: bool = False
     untracked: bool = False
+    retries: int = 0
+    retry_at: int | None = None
     fidelity: float = 1.0
     nonfinite_steps: int = 0
     weak: tuple[int, ...] = ()
@@ -124,8 +129,9 @@ class Compressor(ActivationMethod):
     fidelity ``||Z||/||X||`` reached ``threshold``, otherwise expands the basis by ``growth`` orthogonalised
     sampled rows, and after ``patience`` low steps resets it to the top-``rank`` SVD of sampled rows
     (Algorithm 1). A site that is still low when a reset is due after ``max_resets`` resets in a row stops
-    being tracked. Storages whose codes would not beat break-even on the current step are stored raw; every
-    raw storage is reported with its reason.
+    being tracked, and is taken up again from a fresh initialisation after ``retry_after`` steps, twice as
+    many after each further failure. Storages whose codes would not beat break-even on the current step are
+    stored raw; every raw storage is reported with its reason.
 
     In steady state the forward never waits for the device under the ``"paper"`` policy: statistics stay on
     the device until :meth:`step`, and bf16 activations are projected with bf16 matmuls against a bf16 copy
@@ -315,6 +321,7 @@ class Compressor(ActivationMethod):
             self._synchronize()
         live = [(site, state, self.stats[site]) for site, state in self.sites.items()
                 if site in self.stats and not state.frozen and not state.untracked]
+        self._retry_due()
         self._read_checks([(state, stats) for _, state, stats in live])
         measured = [stats for _, state, stats in live if state.basis is not None and stats.accumulator is not None]
         sums = dict(zip(map(id, measured), read_sums([stats.tracked for stats in measured]), strict=True))
@@ -376,13 +383,31 @@ class Compressor(ActivationMethod):
             state.expansions += added > 0
             state.basis, state.rank = grown, min(state.rank + added, ceiling, grown.shape[1])
         elif state.resets_in_a_row >= cfg.max_resets:
-            state.untracked = True
+            self._stop_tracking(state)
         else:
             self._reset(site, state, stats)
             state.low_steps = 0
             state.resets += 1
             state.resets_in_a_row += 1
         return False
+
+    def _stop_tracking(self, state: SiteState) -> None:
+        """Store the site raw from the next step on, until its retry is due: ``retry_after * 2**retries`` steps
+        on (exponential back-off, so a site that never compresses costs ``log2`` of the run's steps in
+        retries), or never."""
+        state.untracked = True
+        after = self.config.retry_after
+        state.retry_at = None if after is None else self.steps + 1 + after * 2**state.retries
+
+    def _retry_due(self) -> None:
+        """Untracked sites whose retry is due at the next step start again as new sites (their first step
+        codes each tensor against its own basis and samples rows for a fresh one, Algorithm 1 line 1). A
+        function of the synchronised state and the step count: every data-parallel rank retries alike."""
+        for state in self.sites.values():
+            if state.untracked and state.retry_at is not None and state.retry_at <= self.steps + 1:
+                state.untracked, state.retry_at, state.retries = False, None, state.retries + 1
+                state.basis, state.memory, state.weak = None, None, ()
+                state.low_steps = state.resets_in_a_row = 0
 
     def _reset(self, site: str, state: SiteState, stats: StepStats) -> None:
         """The basis from the top singular vectors of the step's sampled rows: ``rank`` coded columns (or, with
@@ -432,17 +457,19 @@ class Compressor(ActivationMethod):
             self.stats[name] = stats
 
     def _agree_on_sites(self) -> None:
-        """Every rank learns every site any rank has, and a site no longer tracked anywhere stops everywhere."""
-        mine = {name: (s.dim, s.frozen, s.untracked) for name, s in self.sites.items()}
+        """Every rank learns every site any rank has, and a site no longer tracked anywhere stops everywhere (a
+        rank that had not seen it takes up the furthest rank's retry count and step)."""
+        mine = {name: (s.dim, s.frozen, (s.retries, s.untracked), s.retry_at) for name, s in self.sites.items()}
         everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(everyone, mine)
         for theirs in everyone:
-            for name, (dim, frozen, untracked) in theirs.items():
+            for name, (dim, frozen, (retries, untracked), retry_at) in theirs.items():
                 state = self.sites.get(name)
                 if state is None:
                     state = self.sites[name] = SiteState(dim)
                 state.frozen |= frozen
-                state.untracked |= untracked
+                if (retries, untracked) > (state.retries, state.untracked):
+                    state.retries, state.untracked, state.retry_at = retries, untracked, retry_at
 
     def _gather_sample(self, state: SiteState, stats: StepStats, dim: int,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
