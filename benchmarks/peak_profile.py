@@ -5,8 +5,10 @@
 highest total, and the profiler's nested events what was running then (autograd node > module > torch op). The
 tensors alive then are listed, grouped by the profiler's category (``PARAMETER``,
 ``OPTIMIZER_STATE``, ``GRADIENT``, ``ACTIVATION``, ``TEMPORARY``, ``AUTOGRAD_DETAIL``: tensors made inside
-autograd's backward, ``INPUT``, ``unknown``) and by size. The peak is above the memory alive when the step
-began; that starting memory is printed too, so the rise is the difference.
+autograd's backward, ``INPUT``, ``unknown``) and by size; LASER's own state (bases, accumulators ``X^T Z``,
+row samples) is named as such, matched by address and size to the compressor's tensors before its update. The
+peak is above the memory alive when the step began; that starting memory is printed too, so the rise is the
+difference.
 
     python benchmarks/peak_profile.py --dims 512 --depths 8 --ranks 128 --batch 8 \\
         --methods checkpoint laser-int8+checkpoint laser-int8+coded-checkpoint
@@ -23,18 +25,48 @@ from collections import Counter
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler import _memory_profiler as memory_profiler
 
+import laser
 from common import VARIANTS, TrainingRun, Workload, check_device, markdown_table, method_specs, set_threads, size
 
 MIN_BYTES = 256 * 1024  # smaller tensors are summed into one row per category
 
 
-def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter, list[str]]:
+def own_tensors(method) -> dict[tuple[int, int], str]:
+    """``(storage address, bytes) -> role`` of a LASER compressor's own tensors as they are now (read it before
+    :meth:`~laser.Compressor.step` frees the step's state): the sites' bases and memories, the step's
+    accumulators ``X^T Z``, row samples and their keys, and bases cast for the step's matmuls."""
+    if not isinstance(method, laser.Compressor):
+        return {}
+    owned = {}
+
+    def add(tensor, role: str) -> None:
+        if tensor is not None:
+            owned[(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())] = role
+
+    for state in method.sites.values():
+        add(state.basis, "laser: basis")
+        add(state.memory, "laser: memory")
+    for stats in method.stats.values():
+        add(stats.accumulator, "laser: accumulator")
+        add(stats.sample, "laser: row sample")
+        add(stats.sample_keys, "laser: row sample")
+        for cast in stats.casts.values():
+            add(cast, "laser: basis")
+    return owned
+
+
+def live_at_peak(prof: profile, device: str,
+                 owned: dict[tuple[int, int], str] | None = None) -> tuple[int, int, Counter, list[str]]:
     """``(start, peak, tensors, where)``: bytes alive on ``device`` when the profile began and at its peak, the
     tensors alive at the peak as ``(category, bytes) -> count`` (tensors under :data:`MIN_BYTES` as
-    ``(category, 0)`` -> their summed bytes), and what was running then (:func:`running_at`)."""
+    ``(category, 0)`` -> their summed bytes), and what was running then (:func:`running_at`). A tensor whose
+    address and size are in ``owned`` (:func:`own_tensors`) is counted under its role there instead of the
+    profiler's category (by address alone for a tensor alive before the profile, which the profiler sizes by
+    the view it saw: a basis sliced from a batched storage)."""
     memory_profile = prof._memory_profile()
     timeline = memory_profiler.MemoryProfileTimeline(memory_profile)
     live: dict[object, tuple[int, object]] = {}  # tensor -> (bytes, category of its current version)
+    preexisting = set()  # tensors alive before the profile: the profiler sizes them by the view it saw
     total = start = best = when = 0
     started, snapshot = False, {}
     for time_ns, action, (key, version), nbytes in timeline.timeline:
@@ -42,6 +74,8 @@ def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter, list[st
             continue
         if action != memory_profiler.Action.PREEXISTING and not started:
             start, best, snapshot, started = total, total, dict(live), True
+        if action == memory_profiler.Action.PREEXISTING:
+            preexisting.add(key)
         if action in (memory_profiler.Action.PREEXISTING, memory_profiler.Action.CREATE):
             total += nbytes - live.get(key, (0, None))[0]
             live[key] = (nbytes, timeline.categories.get(key, version))
@@ -52,8 +86,13 @@ def live_at_peak(prof: profile, device: str) -> tuple[int, int, Counter, list[st
         if started and total > best:
             best, snapshot, when = total, dict(live), time_ns
     tensors: Counter = Counter()
-    for nbytes, category in snapshot.values():
+    owned = owned or {}
+    owned_at = {ptr: role for (ptr, _), role in owned.items()}
+    for key, (nbytes, category) in snapshot.items():
         name = category.name if category is not None else "unknown"
+        if isinstance(key, memory_profiler.TensorKey):
+            fallback = owned_at.get(key.storage.ptr, name) if key in preexisting else name
+            name = owned.get((key.storage.ptr, nbytes), fallback)
         if nbytes >= MIN_BYTES:
             tensors[(name, nbytes)] += 1
         else:
@@ -71,13 +110,23 @@ def running_at(events, time_ns: int) -> list[str]:
 
 
 def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Counter, list[str]]:
-    """Warm a run of ``spec`` up, then profile one step: :func:`live_at_peak` of it."""
+    """Warm a run of ``spec`` up, then profile one step: :func:`live_at_peak` of it, LASER's own tensors named
+    by their role (read just before the method's update, when the step's state is complete)."""
     run = TrainingRun(workload, spec)
     for _ in range(warmup):
         run.step()
+    owned: dict[tuple[int, int], str] = {}
+    if run.method is not None:
+        update = run.method.update
+
+        def recording_update() -> None:
+            owned.update(own_tensors(run.method))
+            update()
+
+        run.method.update = recording_update
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         run.step()
-    return live_at_peak(prof, workload.device)
+    return live_at_peak(prof, workload.device, owned)
 
 
 def table(start: int, peak: int, tensors: Counter, where: list[str]) -> str:

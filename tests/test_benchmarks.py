@@ -445,3 +445,6 @@ def test_peak_profile_finds_the_tensors_alive_at_the_peak(capsys):
     out = capsys.readouterr().out
     assert out.count("alive when the step began") == 2 and "#### laser-int8+coded-checkpoint r8" in out
     assert out.count("inside: ") == 2
+    coded = out.split("#### laser-int8+coded-checkpoint r8")[1]
+    assert "| laser: accumulator |" in coded and "| laser: basis |" in coded  # LASER's own state, by role
+    assert "laser:" not in out.split("#### laser-int8+coded-checkpoint r8")[0]
