@@ -86,6 +86,51 @@ def test_compare_resume_reuses_only_runs_finished_with_the_same_settings(tmp_pat
     assert result.stat().st_mtime_ns != stamp
 
 
+def test_compare_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, capsys):
+    from laser.train.config import config_from_dict
+    from laser.train.trainer import Trainer
+
+    def args(out):
+        return ["compare", "--preset", "tiny", "--methods", "laser", "--seeds", "1", "--jobs", "1",
+                "--set", "grad_probe_at=()", "--set", "max_steps=4", "--set", "checkpoint_every=2", "--out", str(out)]
+
+    assert run_cli(args(tmp_path / "whole"), capsys)[0] == 0
+    whole = json.loads((tmp_path / "whole" / "runs" / "laser" / "seed100" / "result.json").read_text())
+    run = tmp_path / "cut" / "runs" / "laser" / "seed100"  # the same run, stopped after 3 of its 4 steps
+    planned = json.loads((tmp_path / "whole" / "runs" / "laser" / "seed100" / "config.json").read_text())
+    cfg = config_from_dict({**planned, "out_dir": str(run)})
+    Trainer(cfg).train(until=3)
+    code, stdout, _ = run_cli([*args(tmp_path / "cut"), "--resume"], capsys)
+    assert code == 0 and "resume: 0 of 1 run(s) already finished" in stdout
+    assert "resumed at step 3 of 4" in (run / "worker.log").read_text()
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["final"] == whole["final"] and resumed["steps"] == 4
+    assert resumed["activation_bytes"] == whole["activation_bytes"]
+    def logged(folder):
+        return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert logged(run) == logged(tmp_path / "whole" / "runs" / "laser" / "seed100")  # no step lost or twice
+
+
+def test_compare_resume_starts_over_a_run_interrupted_with_other_settings(tmp_path, capsys):
+    from laser.train.config import config_from_dict
+    from laser.train.trainer import CHECKPOINT_NAME, Trainer
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "tiny", "--methods", "none", "--seeds", "1", "--jobs", "1",
+            "--set", "grad_probe_at=()", "--set", "max_steps=2", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    run = out / "runs" / "none" / "seed100"
+    planned = json.loads((run / "config.json").read_text())
+    (run / "result.json").unlink()
+    other = config_from_dict({**planned, "lr": planned["lr"] / 2, "out_dir": str(run)})
+    Trainer(other).train(until=1)  # interrupted, with another learning rate
+    code, stdout, _ = run_cli([*args, "--resume"], capsys)
+    assert code == 0 and "resumed" not in (run / "worker.log").read_text()  # trained anew, from step 0
+    assert json.loads((run / "config.json").read_text())["lr"] == planned["lr"]
+    assert (run / CHECKPOINT_NAME).is_file() and json.loads((run / "result.json").read_text())["steps"] == 2
+
+
 def test_train_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(["train", "--preset", "tiny", "--method", "laser:rank=4", "--set", "max_steps=4",

@@ -146,7 +146,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: %(default)s")
     parser.add_argument("--seeds", type=int, default=2, help="how many of the seeds 100-104 (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the runs in --out that finished with the same settings (after an interruption)")
+                        help="reuse the runs in --out that finished with the same settings and continue those "
+                             "interrupted with them from their last checkpoint")
     parser.add_argument("--jobs", type=int, default=0,
                         help="runs trained at once (default: one per CPU core, one on a GPU)")
     parser.add_argument("--threads", type=int, default=0,

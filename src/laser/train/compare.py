@@ -39,7 +39,7 @@ from laser.train.config import (
     with_method,
 )
 from laser.train.tasks import Metric
-from laser.train.trainer import write_json
+from laser.train.trainer import CHECKPOINT_NAME, write_json
 
 PAPER_SEEDS = (100, 101, 102, 103, 104)
 DEFAULT_METHODS = ("none", "laser", "laser:quantize=int8")
@@ -88,13 +88,20 @@ def finished_result(cfg: TrainConfig, run_dir: Path) -> dict | None:
     values) are not compared: the same folder reached by a relative or an absolute path holds the same run.
     """
     config_path, result_path = run_dir / "config.json", run_dir / "result.json"
-    if not (config_path.is_file() and result_path.is_file()):
+    if not (result_path.is_file() and _saved_config_is(cfg, config_path)):
         return None
+    return json.loads(result_path.read_text())
+
+
+def _saved_config_is(cfg: TrainConfig, config_path: Path) -> bool:
+    """Whether the run config saved at ``config_path`` has ``cfg``'s result-relevant settings."""
+    if not config_path.is_file():
+        return False
     try:  # through the config classes: a setting added since the run was saved takes its default
         saved = config_from_dict(json.loads(config_path.read_text()))
     except (ValueError, TypeError):
-        return None
-    return json.loads(result_path.read_text()) if _comparable(saved) == _comparable(cfg) else None
+        return False
+    return _comparable(saved) == _comparable(cfg)
 
 
 def _comparable(cfg: TrainConfig) -> dict:
@@ -102,15 +109,25 @@ def _comparable(cfg: TrainConfig) -> dict:
     return result_relevant(json.loads(json.dumps(config_to_dict(cfg))))
 
 
-def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0) -> dict:
-    """Train ``cfg`` in a fresh Python process writing into ``run_dir``; returns its result dict."""
+def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0, resume: bool = False) -> dict:
+    """Train ``cfg`` in a fresh Python process writing into ``run_dir``; returns its result dict.
+
+    With ``resume``, a run interrupted in ``run_dir`` with the same settings continues from its checkpoint
+    (bitwise as if uninterrupted, :class:`~laser.train.trainer.Trainer`); any other checkpoint there is removed
+    first, so a later resume never meets one saved with other settings.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path, result_path, log_path = run_dir / "config.json", run_dir / "result.json", run_dir / "worker.log"
+    checkpoint = run_dir / CHECKPOINT_NAME
     result_path.unlink(missing_ok=True)  # before the config: a crash in between never pairs new settings with it
+    resume = resume and checkpoint.is_file() and _saved_config_is(cfg, config_path)
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
     write_json(config_path, config_to_dict(cfg))
     command = [sys.executable, "-m", "laser.train.worker", str(config_path), str(result_path), str(threads)]
-    with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    with open(log_path, "a" if resume else "w") as log:
+        code = subprocess.run([*command, *(["--resume"] if resume else [])], stdout=log, stderr=subprocess.STDOUT,
+                              env=os.environ.copy()).returncode
     if code != 0 or not result_path.exists():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"training run in {run_dir} failed (exit code {code}); last lines of {log_path}:\n{tail}")
@@ -157,8 +174,9 @@ def compare(
         threads: torch threads per run (0: the CPU cores divided among the jobs).
         preset: the preset's name, for the report.
         log: where progress lines go.
-        resume: reuse every run in ``out_dir`` that finished with exactly the planned settings (an
-            interrupted comparison continues where it stopped); the others are trained again.
+        resume: reuse every run in ``out_dir`` that finished with exactly the planned settings, and continue
+            every run interrupted with them from its last checkpoint (an interrupted comparison goes on where
+            it stopped); the others are trained anew.
 
     Returns the results dict written to results.json: ``{method label: entry}``.
     """
@@ -204,7 +222,7 @@ def compare(
     resolved["reused_runs"] = len(runs)
     todo = {key: c for key, c in configs.items() if key not in runs}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_worker, c, Path(c.out_dir), threads): key for key, c in todo.items()}
+        futures = {pool.submit(run_worker, c, Path(c.out_dir), threads, resume): key for key, c in todo.items()}
         for future in concurrent.futures.as_completed(futures):
             label, seed = futures[future]
             runs[(label, seed)] = r = future.result()
