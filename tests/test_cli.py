@@ -1,5 +1,6 @@
 """Tests for the `laser` command: train and compare on the tiny preset, and every documented usage error."""
 
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 
 import laser.methods
 from laser.cli import COMMANDS, main, split_methods
+from laser.train.config import config_to_dict
 
 CONTRACT = ("activation_bytes", "peak_memory_bytes", "step_time_ratio", "token_acc", "solve_rate")
 
@@ -129,6 +131,32 @@ def test_compare_resume_starts_over_a_run_interrupted_with_other_settings(tmp_pa
     assert code == 0 and "resumed" not in (run / "worker.log").read_text()  # trained anew, from step 0
     assert json.loads((run / "config.json").read_text())["lr"] == planned["lr"]
     assert (run / CHECKPOINT_NAME).is_file() and json.loads((run / "result.json").read_text())["steps"] == 2
+
+
+def test_run_worker_removes_a_checkpoint_of_other_settings_before_it_trains(tmp_path, monkeypatch):
+    import importlib
+    import subprocess
+
+    from laser.train.config import config_from_dict
+    from laser.train.trainer import CHECKPOINT_NAME, write_json
+
+    compare = importlib.import_module("laser.train.compare")  # the module, not the function laser.train exports
+    cfg = config_from_dict({"out_dir": str(tmp_path)})
+    launches = []
+
+    def launch(command, **_):  # what the worker would start with, and whether the old checkpoint is still there
+        launches.append((command[-1] == "--resume", (tmp_path / CHECKPOINT_NAME).exists()))
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(compare.subprocess, "run", launch)
+    write_json(tmp_path / "config.json", config_to_dict(dataclasses.replace(cfg, lr=cfg.lr / 2)))
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"a run cut with another learning rate")
+    with pytest.raises(RuntimeError, match="failed"):
+        compare.run_worker(cfg, tmp_path, resume=True)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"a run cut with these settings")  # config.json is cfg's now
+    with pytest.raises(RuntimeError, match="failed"):
+        compare.run_worker(cfg, tmp_path, resume=True)
+    assert launches == [(False, False), (True, True)]  # a cut fresh run can never be resumed from the stale one
 
 
 def test_train_then_resume(tmp_path, capsys):
