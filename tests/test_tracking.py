@@ -208,3 +208,59 @@ def test_memory_outside_its_range_is_rejected_with_the_setting_named():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"memory=.* is invalid: must be in \[0, 1\)"):
             laser.LaserConfig(memory=bad)
+
+
+def two_position_steps(bases: str, steps: int = 4) -> tuple[laser.Compressor, nn.Linear, list[torch.Tensor]]:
+    """A linear layer called twice per forward (two recursion steps), each call's input in a rank-2 span of its
+    own; LASER at rank 2 with no room to grow. Returns the compressor after ``steps`` steps, the layer and the
+    last step's weight gradient under LASER and without it."""
+    d, n = 64, 256
+    g = torch.Generator().manual_seed(0)
+    frame = torch.linalg.qr(torch.randn(d, 4, generator=g)).Q
+    lin = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d, d, generator=g) / d**0.5)
+    comp = laser.Compressor(lin, laser.LaserConfig(rank=2, max_rank=2, min_numel=0, policy="paper", bases=bases))
+    for _ in range(steps):
+        inputs = [torch.randn(n, 2, generator=g) @ frame[:, :2].T, torch.randn(n, 2, generator=g) @ frame[:, 2:].T]
+        exact = torch.autograd.grad(sum(lin(x).square().sum() for x in inputs), lin.weight)[0]
+        with comp:
+            loss = sum(lin(x).square().sum() for x in inputs)
+        coded = torch.autograd.grad(loss, lin.weight)[0]
+        comp.step()
+    return comp, lin, [coded, exact]
+
+
+def test_a_basis_per_position_holds_recursion_steps_in_spans_of_their_own():
+    shared, _, (coded_shared, exact) = two_position_steps("site")
+    positions, _, (coded, exact_too) = two_position_steps("position")
+    assert torch.equal(exact, exact_too)
+    # one rank-2 basis cannot hold two rank-2 spans; one per position holds each exactly
+    assert shared.report().site(SITE).fidelity < 0.8
+    assert positions.report().site(SITE).fidelity > 0.9999
+    torch.testing.assert_close(coded, exact, rtol=1e-4, atol=1e-3)
+    assert (coded_shared - exact).norm() > 0.1 * exact.norm()
+    # the report keeps one row per site: both positions' tensors, the rank each codes with, their bases' bytes
+    row = positions.report().site(SITE)
+    assert (row.tensors, row.rank) == (2, 2)
+    assert sorted(positions.sites) == [f"{SITE}@0", f"{SITE}@1"]
+
+
+def test_positions_count_per_forward_and_resume_exactly():
+    comp, lin, _ = two_position_steps("position", steps=3)
+    again = laser.Compressor(nn.Linear(64, 64, bias=False),
+                             laser.LaserConfig(rank=2, max_rank=2, min_numel=0, policy="paper", bases="position"))
+    again.load_state_dict(comp.state_dict())
+    for name, state in comp.sites.items():
+        assert torch.equal(again.sites[name].basis, state.basis)
+    x = torch.randn(8, 64)
+    for _ in range(2):  # two forwards in one step (gradient accumulation) reuse positions 0 and 1
+        with comp:
+            lin(x).sum().backward()
+            lin(x).sum().backward()
+    assert sorted(comp.sites) == [f"{SITE}@0", f"{SITE}@1"]
+
+
+def test_bases_other_than_site_or_position_are_rejected_with_the_setting_named():
+    with pytest.raises(ValueError, match=r"bases='step' is invalid: use 'site' or 'position'"):
+        laser.LaserConfig(bases="step")

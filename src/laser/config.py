@@ -227,6 +227,13 @@ class LaserConfig(RankedFilter):
             part 13): no reconstruction, and fewer FLOPs than the baseline's ``dY^T X`` where ``k`` is under
             both widths; the same gradient as reconstruct-then-matmul up to rounding. ``False``: every coded
             tensor is reconstructed (the reference this path is tested against).
+        bases: ``"site"`` (Algorithm 1): one basis per site, shared by every recursion step. ``"position"``: one
+            per site and position, the n-th storage a site saves in a forward (its n-th recursion step) coded
+            against the n-th basis, each tracked across training steps as a site's is and each paying its own
+            basis and accumulator. Positions restart with every ``with comp:`` (a :func:`laser.checkpoint`
+            region's rerun counts its own). Measured on the converged quick preset it reaches the per-tensor
+            oracle's gradient cosine at the same rank, for as many bytes as a shared basis of a higher rank that
+            reaches the same cosine (``results/parity-quick.md``), so ``"site"`` stays the default.
     """
 
     threshold: float = 0.95
@@ -247,9 +254,11 @@ class LaserConfig(RankedFilter):
     seed: int = 0
     sync: bool = True
     factored: bool = True
+    bases: str = "site"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.bases in ("site", "position"), "bases", self.bases, "use 'site' or 'position'")
         _require(0.0 < self.threshold <= 1.0, "threshold", self.threshold, "must be in (0, 1]")
         _require(self.growth >= 1, "growth", self.growth, "must be >= 1")
         _require(self.max_rank is None or self.max_rank >= self.largest_rank, "max_rank", self.max_rank,

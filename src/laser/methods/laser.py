@@ -162,6 +162,14 @@ class Compressor(ActivationMethod):
         # None: the guarded policy's per-tensor test is left on the device for accelerator tensors only (a
         # read there waits for the device); True / False force it either way (the tests use True on a CPU).
         self.defer_guard: bool | None = None
+        # bases="position": each storage's basis key in this forward, and how many storages each site has had
+        self._positions: dict[tuple[str, int], str] = {}
+        self._position_count: dict[str, int] = {}
+
+    def __enter__(self) -> Compressor:
+        if not self.active_in_thread():
+            self._positions, self._position_count = {}, {}
+        return super().__enter__()
 
     @property
     def factored_linears(self) -> bool:
@@ -170,6 +178,8 @@ class Compressor(ActivationMethod):
     # ------------------------------------------------------------------ forward
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
+        if cfg.bases == "position":
+            site = self._position_site(x, site)
         state = self.sites.get(site)
         if state is None:
             state = self.sites[site] = SiteState(x.shape[1])
@@ -357,6 +367,16 @@ class Compressor(ActivationMethod):
     def clear_step(self) -> None:
         self.stats = {}
 
+    def _position_site(self, x: torch.Tensor, site: str) -> str:
+        """The key of ``x``'s basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
+        forward (its n-th recursion step); a storage held pending and encoded again keeps its position."""
+        key = (site, x.data_ptr())
+        name = self._positions.get(key)
+        if name is None:
+            count = self._position_count[site] = self._position_count.get(site, -1) + 1
+            name = self._positions[key] = f"{site}@{count}"
+        return name
+
     def _update_site(self, site: str, state: SiteState, stats: StepStats,
                      sums: tuple[float, float, float] | None) -> bool:
         """Algorithm 1 for one site: initialise, or expand / reset by the step's fidelity (``sums``: its tracked
@@ -491,13 +511,23 @@ class Compressor(ActivationMethod):
 
     # ------------------------------------------------------------------ report
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
-        state = self.sites.get(site)
-        stats = self.stats.get(site)
-        if state is None or stats is None:
+        if self.config.bases == "position":  # the site's positions (site@n) make one row
+            keys = [key for key in self.stats if key.rpartition("@")[0] == site]
+        else:
+            keys = [site] if site in self.stats else []
+        if not keys:
             return super().site_row(site, account)
-        state_bytes = stats.nbytes() + (tensor_bytes(state.memory) if state.memory is not None else 0)
-        return SiteReport(site, account.dim, stats.rank or account.dim, stats.stored.cosine(), account.raw_bytes,
-                          account.stored_bytes + state_bytes, account.tensors, state.expansions, state.resets,
+        states, steps = [self.sites[key] for key in keys], [self.stats[key] for key in keys]
+        stored = CosineSums()
+        for stats in steps:
+            if stats.stored.x_sq is not None:
+                stored.add(stats.stored.dot, stats.stored.x_sq, stats.stored.y_sq)
+        state_bytes = sum(stats.nbytes() for stats in steps)
+        state_bytes += sum(tensor_bytes(state.memory) for state in states if state.memory is not None)
+        rank = max(stats.rank for stats in steps)
+        return SiteReport(site, account.dim, rank or account.dim, stored.cosine(), account.raw_bytes,
+                          account.stored_bytes + state_bytes, account.tensors,
+                          sum(state.expansions for state in states), sum(state.resets for state in states),
                           account.fallbacks, dict(account.reasons), state_bytes, account.factored)
 
     def extra_state(self) -> dict:
