@@ -153,16 +153,17 @@ class _Linears(nn.Module):
         return self.c(self.b(self.a(x)) * 2.0)
 
 
-def _lossless() -> tuple[nn.Module, nn.Module, torch.Tensor, laser.ActivationMethod]:
+def _lossless(bases: str = "site") -> tuple[nn.Module, nn.Module, torch.Tensor, laser.ActivationMethod]:
     """Linears, their twin, a rank-7 input and LASER at rank 8: codes of every saved tensor are exact."""
     torch.manual_seed(0)
     block = _Linears()
     return block, copy.deepcopy(block), _low_rank(16, 12, 48), laser.methods.build(
-        "laser", block, rank=RANK, min_numel=0, policy="paper")
+        "laser", block, rank=RANK, min_numel=0, policy="paper", bases=bases)
 
 
-def test_lossless_codes_of_the_recomputation_give_the_twins_gradients():
-    block, twin, x, method = _lossless()
+@pytest.mark.parametrize("bases", ["site", "position"])
+def test_lossless_codes_of_the_recomputation_give_the_twins_gradients(bases):
+    block, twin, x, method = _lossless(bases)
     for _ in range(3):  # the first step codes against each tensor's own SVD basis, later ones the tracked one
         block.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)

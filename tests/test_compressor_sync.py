@@ -12,19 +12,23 @@ import laser
 
 
 def _worker(rank: int, world: int, store: str, out: str, settings: dict) -> None:
-    """Six steps (or ``settings["steps"]``) of a small MLP, each rank on its own data; saves every site's state."""
+    """Six steps (or ``settings["steps"]``) of a small MLP applied ``settings["calls"]`` times (1: once), each rank on
+    its own data; saves every site's state."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same model on every rank
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
     settings = dict(settings)
-    steps = settings.pop("steps", 6)
+    steps, calls = settings.pop("steps", 6), settings.pop("calls", 1)
     cfg = laser.LaserConfig(**{"rank": 4, "growth": 2, "max_rank": 32, "patience": 2, "min_numel": 0,
                                "policy": "paper", **settings})
     comp = laser.Compressor(model, cfg)
     data = torch.Generator().manual_seed(100 + rank)  # each rank sees its own shard
     for _ in range(steps):
         with comp:
-            loss = model(torch.randn(64, 16, generator=data)).square().mean()
+            h = torch.randn(64, 16, generator=data)
+            for _ in range(calls):
+                h = model(h)
+            loss = h.square().mean()
         loss.backward()
         comp.step()
     torch.save(comp.sites, os.path.join(out, f"rank{rank}.pt"))
@@ -46,6 +50,15 @@ def test_bases_identical_across_ranks_only_with_sync(tmp_path):
         assert torch.equal(state.basis, synced[1][name].basis), name
     unsynced = _sites(tmp_path, sync=False)
     assert any(not torch.equal(s.basis, unsynced[1][n].basis) for n, s in unsynced[0].items())
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_a_basis_per_position_is_identical_across_ranks(tmp_path):
+    sites = _sites(tmp_path, bases="position", calls=2)
+    assert sites[0].keys() == sites[1].keys()
+    assert {name.rpartition("@")[2] for name in sites[0]} == {"0", "1"}
+    for name, state in sites[0].items():
+        assert torch.equal(state.basis, sites[1][name].basis), name
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")

@@ -210,44 +210,65 @@ def test_memory_outside_its_range_is_rejected_with_the_setting_named():
             laser.LaserConfig(memory=bad)
 
 
-def two_position_steps(bases: str, steps: int = 4) -> tuple[laser.Compressor, nn.Linear, list[torch.Tensor]]:
-    """A linear layer called twice per forward (two recursion steps), each call's input in a rank-2 span of its
-    own; LASER at rank 2 with no room to grow. Returns the compressor after ``steps`` steps, the layer and the
-    last step's weight gradient under LASER and without it."""
+def position_steps(bases: str, steps: int = 4, positions: int = 2,
+                   **options: object) -> tuple[laser.Compressor, nn.Linear, list[torch.Tensor]]:
+    """A linear layer called ``positions`` times per forward (recursion steps), each call's input in a rank-2 span
+    of its own and freed once saved (so the allocator may hand its address to the next step's input); LASER at
+    rank 2 with no room to grow. Returns the compressor after ``steps`` steps, the layer, and the last step's
+    weight gradient under LASER and without it."""
     d, n = 64, 256
     g = torch.Generator().manual_seed(0)
-    frame = torch.linalg.qr(torch.randn(d, 4, generator=g)).Q
+    frame = torch.linalg.qr(torch.randn(d, 2 * positions, generator=g)).Q
     lin = nn.Linear(d, d, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(d, d, generator=g) / d**0.5)
-    comp = laser.Compressor(lin, laser.LaserConfig(rank=2, max_rank=2, min_numel=0, policy="paper", bases=bases))
+    config = {"rank": 2, "max_rank": 2, "min_numel": 0, "policy": "paper", "bases": bases, **options}
+    comp = laser.Compressor(lin, laser.LaserConfig(**config))
+
+    def loss_of(draws: list[torch.Tensor]) -> torch.Tensor:
+        total = 0
+        for p, draw in enumerate(draws):
+            x = draw @ frame[:, 2 * p : 2 * p + 2].T  # (n, d), dropped after this step: only its codes stay
+            total = total + lin(x).square().sum()
+        return total
+
     for _ in range(steps):
-        inputs = [torch.randn(n, 2, generator=g) @ frame[:, :2].T, torch.randn(n, 2, generator=g) @ frame[:, 2:].T]
-        exact = torch.autograd.grad(sum(lin(x).square().sum() for x in inputs), lin.weight)[0]
+        draws = [torch.randn(n, 2, generator=g) for _ in range(positions)]
+        exact = torch.autograd.grad(loss_of(draws), lin.weight)[0]
         with comp:
-            loss = sum(lin(x).square().sum() for x in inputs)
+            loss = loss_of(draws)
         coded = torch.autograd.grad(loss, lin.weight)[0]
         comp.step()
     return comp, lin, [coded, exact]
 
 
-def test_a_basis_per_position_holds_recursion_steps_in_spans_of_their_own():
-    shared, _, (coded_shared, exact) = two_position_steps("site")
-    positions, _, (coded, exact_too) = two_position_steps("position")
+@pytest.mark.parametrize("positions", [2, 3])
+def test_a_basis_per_position_holds_recursion_steps_in_spans_of_their_own(positions):
+    shared, _, (coded_shared, exact) = position_steps("site", positions=positions)
+    comp, _, (coded, exact_too) = position_steps("position", positions=positions)
     assert torch.equal(exact, exact_too)
     # one rank-2 basis cannot hold two rank-2 spans; one per position holds each exactly
     assert shared.report().site(SITE).fidelity < 0.8
-    assert positions.report().site(SITE).fidelity > 0.9999
+    assert comp.report().site(SITE).fidelity > 0.9999
     torch.testing.assert_close(coded, exact, rtol=1e-4, atol=1e-3)
     assert (coded_shared - exact).norm() > 0.1 * exact.norm()
-    # the report keeps one row per site: both positions' tensors, the rank each codes with, their bases' bytes
-    row = positions.report().site(SITE)
-    assert (row.tensors, row.rank) == (2, 2)
-    assert sorted(positions.sites) == [f"{SITE}@0", f"{SITE}@1"]
+    # the report keeps one row per site: every position's tensors, the rank each codes with, their bases' bytes
+    row = comp.report().site(SITE)
+    assert (row.tensors, row.rank) == (positions, 2)
+    assert sorted(comp.sites) == [f"{SITE}@{p}" for p in range(positions)]
+    bases = sum(state.basis.numel() * 4 for state in comp.sites.values())
+    assert row.stored_bytes >= positions * 256 * 2 * 4 + bases
+
+
+def test_site_ranks_and_max_rank_apply_to_every_position_of_a_site():
+    comp, _, (coded, exact) = position_steps("position", positions=3, rank=1, max_rank=None,
+                                             site_ranks=(f"{SITE}=2",))
+    assert [state.rank for state in comp.sites.values()] == [2, 2, 2]
+    torch.testing.assert_close(coded, exact, rtol=1e-4, atol=1e-3)
 
 
 def test_positions_count_per_forward_and_resume_exactly():
-    comp, lin, _ = two_position_steps("position", steps=3)
+    comp, lin, _ = position_steps("position", steps=3)
     again = laser.Compressor(nn.Linear(64, 64, bias=False),
                              laser.LaserConfig(rank=2, max_rank=2, min_numel=0, policy="paper", bases="position"))
     again.load_state_dict(comp.state_dict())

@@ -162,13 +162,14 @@ class Compressor(ActivationMethod):
         # None: the guarded policy's per-tensor test is left on the device for accelerator tensors only (a
         # read there waits for the device); True / False force it either way (the tests use True on a CPU).
         self.defer_guard: bool | None = None
-        # bases="position": each storage's basis key in this forward, and how many storages each site has had
-        self._positions: dict[tuple[str, int], str] = {}
-        self._position_count: dict[str, int] = {}
+        # bases="position": the last position each site has had in this forward, and the position of each
+        # storage held pending (by the id of its rows, which the pending entry keeps alive)
+        self._positions: dict[str, int] = {}
+        self._held: dict[int, str] = {}
 
     def __enter__(self) -> Compressor:
         if not self.active_in_thread():
-            self._positions, self._position_count = {}, {}
+            self._positions, self._held = {}, {}
         return super().__enter__()
 
     @property
@@ -198,6 +199,8 @@ class Compressor(ActivationMethod):
             return Reason.FROZEN
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
         if stats.encoded == 0 and not self._step_pays(stats, x, rank, compute):
+            if cfg.bases == "position":
+                self._held[id(x)] = site  # alive (held raw) until encoded again or settled at the forward's end
             return Reason.PENDING
         tracked = self._basis_in(state, stats, compute)  # (D, k + p)
         xc = x.to(tracked.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
@@ -232,7 +235,7 @@ class Compressor(ActivationMethod):
         x_sq = squared_norm(xf)
         if not torch.isfinite(x_sq):
             return Reason.NONFINITE  # never feed NaN/Inf into a basis
-        rank = min(cfg.rank_for(site), state.dim)
+        rank = min(cfg.rank_for(self._site_of(site)), state.dim)
         if never_pays(state.dim, rank, cfg.quantize, x.dtype):
             state.frozen = True
             return Reason.FROZEN
@@ -370,12 +373,16 @@ class Compressor(ActivationMethod):
     def _position_site(self, x: torch.Tensor, site: str) -> str:
         """The key of ``x``'s basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
         forward (its n-th recursion step); a storage held pending and encoded again keeps its position."""
-        key = (site, x.data_ptr())
-        name = self._positions.get(key)
-        if name is None:
-            count = self._position_count[site] = self._position_count.get(site, -1) + 1
-            name = self._positions[key] = f"{site}@{count}"
-        return name
+        held = self._held.pop(id(x), None)
+        if held is not None:
+            return held
+        count = self._positions[site] = self._positions.get(site, -1) + 1
+        return f"{site}@{count}"
+
+    def _site_of(self, key: str) -> str:
+        """The site a basis key belongs to (``site@n`` under ``bases="position"``): what ``site_ranks``,
+        ``max_rank`` and the report match."""
+        return key.rpartition("@")[0] if self.config.bases == "position" else key
 
     def _update_site(self, site: str, state: SiteState, stats: StepStats,
                      sums: tuple[float, float, float] | None) -> bool:
@@ -397,7 +404,7 @@ class Compressor(ActivationMethod):
         state.low_steps += 1
         if state.low_steps < cfg.patience:
             rows = subspace.top_rows(stats.sample, stats.sample_keys, cfg.growth)
-            ceiling = cfg.rank_ceiling(site)
+            ceiling = cfg.rank_ceiling(self._site_of(site))
             grown = subspace.expand(state.basis, rows, ceiling + cfg.oversample)
             added = grown.shape[1] - state.basis.shape[1]
             state.expansions += added > 0
@@ -434,6 +441,7 @@ class Compressor(ActivationMethod):
         ``max_error``, as many as the sample needs for that error) and up to ``oversample`` more tracked
         (Algorithm 1 lines 1 and 19)."""
         cfg = self.config
+        site = self._site_of(site)
         state.rank = min(cfg.rank_for(site), state.dim)
         if cfg.max_error is not None:
             state.rank = min(subspace.rank_for_error(stats.sample, cfg.max_error), cfg.rank_ceiling(site), state.dim)
@@ -511,10 +519,7 @@ class Compressor(ActivationMethod):
 
     # ------------------------------------------------------------------ report
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
-        if self.config.bases == "position":  # the site's positions (site@n) make one row
-            keys = [key for key in self.stats if key.rpartition("@")[0] == site]
-        else:
-            keys = [site] if site in self.stats else []
+        keys = [key for key in self.stats if self._site_of(key) == site]  # under bases="position", its positions
         if not keys:
             return super().site_row(site, account)
         states, steps = [self.sites[key] for key in keys], [self.stats[key] for key in keys]
