@@ -27,7 +27,7 @@ import torch
 import laser
 from common import environment, markdown_table, ratio, set_threads, size
 from laser import methods
-from laser.analysis.analyze import build_model, load_run, supervision_loss, validation_batches
+from laser.analysis.analyze import build_model, load_run, task_loss, validation_batches
 from laser.analysis.gradients import parameter_gradient
 from laser.train.config import parse_method_spec
 
@@ -42,6 +42,7 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
         raise ValueError(f"--warmup {warmup} + --batches {batches} need {warmup + batches} validation batches of "
                          f"{batch}, the run has {len(pool)}: lower them or --batch")
     warm, measured = pool[:warmup], pool[warmup:warmup + batches]
+    loss_fn = task_loss(run.config)
     rows = []
     baseline_bytes = None
     for text in ["none", *specs]:
@@ -51,12 +52,12 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
         method = methods.build(spec.name, model, **{**defaults, **spec.options})
         for b in warm:
             with method:
-                loss = supervision_loss(model, b)
+                loss = loss_fn(model, b)
             loss.backward()
             method.step()
         model.zero_grad(set_to_none=True)
-        exact = parameter_gradient(model, measured, supervision_loss)
-        approx = parameter_gradient(model, measured, supervision_loss, method)
+        exact = parameter_gradient(model, measured, loss_fn)
+        approx = parameter_gradient(model, measured, loss_fn, method)
         method.step()
         report = method.report()
         baseline_bytes = baseline_bytes or report.stored_bytes
@@ -78,8 +79,9 @@ def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int
     pool = validation_batches(run.config, batch, torch.device("cpu"))
     warm, measured = pool[:warmup], pool[warmup:warmup + batches]
     config = methods.make_config("laser", **run.config.method_defaults.get("laser", {}))
-    plan = laser.plan(model, lambda m: sum(supervision_loss(m, b) for b in measured), laser.Target(grad_cosine=cosine),
-                      config, warmup=[lambda m, b=b: supervision_loss(m, b) for b in warm])
+    loss_fn = task_loss(run.config)
+    plan = laser.plan(model, lambda m: sum(loss_fn(m, b) for b in measured), laser.Target(grad_cosine=cosine),
+                      config, warmup=[lambda m, b=b: loss_fn(m, b) for b in warm])
     options = [f"rank={plan.config.rank}"]
     if plan.config.site_ranks:
         options.append("site_ranks=" + ";".join(plan.config.site_ranks))
