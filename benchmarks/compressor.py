@@ -8,7 +8,7 @@ Two models:
   activations have rank <= 32: the easy case, showing the floor.
 
 For each model and method (none; laser rank 128 with policy paper / guarded, each with and without int8
-codes) it prints: saved-activation bytes (unique storages, from the method's report), their ratio to
+codes; guarded with a basis per recursion position, ``bases="position"``) it prints: saved-activation bytes (unique storages, from the method's report), their ratio to
 ``none``, peak RSS of a fresh process running the same steps (and its ratio), and the median step time as
 a ratio to ``none`` measured in this process, methods interleaved.
 
@@ -43,6 +43,7 @@ METHODS: dict[str, dict] = {
     "laser-paper-int8": {"rank": 128, "policy": "paper", "quantize": "int8"},
     "laser-guarded": {"rank": 128, "policy": "guarded"},
     "laser-guarded-int8": {"rank": 128, "policy": "guarded", "quantize": "int8"},
+    "laser-guarded-position": {"rank": 128, "policy": "guarded", "bases": "position"},
 }
 
 
