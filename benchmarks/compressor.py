@@ -8,9 +8,10 @@ Two models:
   activations have rank <= 32: the easy case, showing the floor.
 
 For each model and method (none; laser rank 128 with policy paper / guarded, each with and without int8
-codes; guarded with a basis per recursion position, ``bases="position"``) it prints: saved-activation bytes (unique storages, from the method's report), their ratio to
-``none``, peak RSS of a fresh process running the same steps (and its ratio), and the median step time as
-a ratio to ``none`` measured in this process, methods interleaved.
+codes; guarded with a basis per recursion position, ``bases="position"``) it prints: saved-activation bytes
+(unique storages, from the method's report), their ratio to ``none``, peak RSS of a fresh process running the
+same steps (and its ratio), and the median step time as a ratio to ``none`` measured in this process, methods
+interleaved.
 
     python benchmarks/compressor.py                 # both models, batch 2, 1 thread
     python benchmarks/compressor.py --model lowrank --batch 8 --steps 5 --threads 2

@@ -28,13 +28,15 @@ import laser
 from common import environment, markdown_table, ratio, set_threads, size
 from laser import methods
 from laser.analysis.analyze import build_model, load_run, task_loss, validation_batches
-from laser.analysis.gradients import parameter_gradient
+from laser.analysis.gradients import parameter_gradient, tensor_gradients, trainable_sizes
 from laser.train.config import parse_method_spec
 
 
 def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: int,
           show: Sequence[str]) -> list[list[object]]:
-    """One table row per spec: grad cosine, relative error, saved bytes and the fidelity of ``show`` sites."""
+    """One table row per spec: whole-model grad cosine and relative error, the worst parameter tensor's cosine
+    and the lowest fraction of a tensor's coordinates whose gradient sign is right, saved bytes, and the fidelity
+    of ``show`` sites."""
     run = load_run(run_dir)
     device = torch.device("cpu")
     pool = validation_batches(run.config, batch, device)
@@ -62,9 +64,12 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
         report = method.report()
         baseline_bytes = baseline_bytes or report.stored_bytes
         cosine = (approx @ exact / (approx.norm() * exact.norm())).item()
+        tensors = tensor_gradients(approx, exact, trainable_sizes(model))
+        worst, signs = tensors[0], min(row.sign_agreement for row in tensors)
         sites = {s.name: s for s in report.sites}
         shown = [f"{sites[n].rank} / {sites[n].fidelity:.4f}" if n in sites else "-" for n in show]
         rows.append([text, f"{cosine:.4f}", f"{((approx - exact).norm() / exact.norm()).item():.4f}",
+                     f"{worst.cosine:.4f} ({worst.name})", f"{signs:.3f}",
                      size(report.stored_bytes), ratio(report.stored_bytes, baseline_bytes), *shown])
     return rows
 
@@ -112,7 +117,8 @@ def main() -> None:
     rows = probe(args.run_dir, specs, args.batch, args.batches, args.warmup, args.show)
     print(f"## Gradient fidelity on {args.run_dir}\n\n{environment('cpu')}; {args.batches} validation batches of "
           f"{args.batch} after {args.warmup} warm-up steps; method options include the run's preset defaults.\n")
-    headers = ["method", "grad cosine", "grad rel. error", "saved", "vs none"] + [f"{s} rank / fid." for s in args.show]
+    headers = ["method", "grad cosine", "grad rel. error", "worst tensor cosine", "lowest sign agreement", "saved",
+               "vs none"] + [f"{s} rank / fid." for s in args.show]
     print(markdown_table(headers, rows))
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laser.analysis import spectra
+from laser.analysis.gradients import tensor_gradients
 from laser.analysis.linearity import linearity_check
 from laser.analysis.plots import (
     plot_fidelity_over_training,
@@ -387,3 +388,27 @@ def test_every_plot_writes_a_png(tmp_path):
         assert is_png(path)
     with pytest.raises(ValueError, match="empty"):
         plot_xy({}, tmp_path / "empty.png", "x", "y", "t")
+
+
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_tensor_gradients_split_a_flat_gradient_into_its_tensors(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    exact = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+    approx = exact + 0.5 * torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+    named = [(f"p{i}", n) for i, n in enumerate(sizes)]
+    rows = tensor_gradients(approx, exact, named)
+    assert [r.cosine for r in rows] == sorted(r.cosine for r in rows)
+    starts = dict(zip([n for n, _ in named], [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
+    for row in rows:
+        size = dict(named)[row.name]
+        a, e = approx[starts[row.name]:][:size], exact[starts[row.name]:][:size]
+        assert row.cosine == pytest.approx(torch.nn.functional.cosine_similarity(a, e, dim=0).item(), abs=1e-12)
+        assert row.sign_agreement == pytest.approx((torch.sign(a) == torch.sign(e)).double().mean().item())
+    assert all(r.cosine == pytest.approx(1.0) and r.sign_agreement == 1.0
+               for r in tensor_gradients(exact, exact, named))
+
+
+def test_tensor_gradients_reject_sizes_that_do_not_add_up():
+    with pytest.raises(ValueError, match="cannot be split into tensors of 3 entries"):
+        tensor_gradients(torch.zeros(4), torch.zeros(4), [("w", 3)])

@@ -85,6 +85,44 @@ def parameter_gradient(model: nn.Module, batches: Sequence[object], loss_fn: Los
     return total
 
 
+@dataclass(frozen=True)
+class TensorGradient:
+    """How one parameter tensor's gradient under a method compares with the exact one.
+
+    The whole-model cosine is dominated by the tensors with the largest gradients; an optimizer that scales each
+    coordinate by its own history (Adam) follows every tensor alike, and early on mostly the signs.
+
+    Attributes:
+        name: the parameter's name.
+        cosine: cosine between its exact and approximate gradients.
+        sign_agreement: fraction of its coordinates whose gradient has the exact gradient's sign.
+    """
+
+    name: str
+    cosine: float
+    sign_agreement: float
+
+
+def tensor_gradients(approx: Tensor, exact: Tensor, named: Sequence[tuple[str, int]]) -> list[TensorGradient]:
+    """Per-tensor comparison of two flat gradients laid out as ``named`` ``(name, numel)`` pairs in order (as
+    :func:`parameter_gradient` lays out a model's trainable parameters), worst cosine first."""
+    if sum(n for _, n in named) != approx.numel() or approx.shape != exact.shape:
+        raise ValueError(f"gradients of {approx.numel()} and {exact.numel()} entries cannot be split into tensors of "
+                         f"{sum(n for _, n in named)} entries: pass the named sizes of the parameters they were made "
+                         "over (trainable_sizes(model))")
+    rows, start = [], 0
+    for name, numel in named:
+        a, e = approx[start : start + numel], exact[start : start + numel]
+        start += numel
+        rows.append(TensorGradient(name, _cosine(a, e), (torch.sign(a) == torch.sign(e)).double().mean().item()))
+    return sorted(rows, key=lambda row: row.cosine)
+
+
+def trainable_sizes(model: nn.Module) -> list[tuple[str, int]]:
+    """``(name, numel)`` of the trainable parameters in :func:`parameter_gradient`'s order."""
+    return [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def _cosine(a: Tensor, b: Tensor) -> float:
     norm = (a.norm() * b.norm()).item()
     if norm == 0:
