@@ -354,9 +354,13 @@ def test_grad_probe_compares_methods_with_the_exact_gradient(tmp_path):
     rows = grad_probe.probe(str(run), ["none", "laser:rank=4,min_numel=16,quantize=int8"], batch=4, batches=2,
                             warmup=1, show=["no-such-site"])
     assert [r[0] for r in rows] == ["none", "none", "laser:rank=4,min_numel=16,quantize=int8"]
-    assert rows[0][1:3] == ["1.0000", "0.0000"] and rows[0][4] == "1.000"  # none is exact, the reference
-    assert -1.0 <= float(rows[2][1]) < 1.0 and float(rows[2][4]) < 1.0  # lossy, and smaller
-    assert rows[2][5] == "-"  # a site the run does not have
+    # none is exact, the reference: every tensor's cosine and sign agreement are 1
+    assert rows[0][1:3] == ["1.0000", "0.0000"] and rows[0][3].startswith("1.0000 (")
+    assert rows[0][4] == rows[0][6] == "1.000"
+    assert -1.0 <= float(rows[2][1]) < 1.0 and float(rows[2][6]) < 1.0  # lossy, and smaller
+    worst, name = rows[2][3].split(" ", 1)  # the worst tensor, by its parameter name
+    assert float(worst) < 1.0 and name.strip("()").endswith(("weight", "bias")) and float(rows[2][4]) <= 1.0
+    assert rows[2][7] == "-"  # a site the run does not have
     with pytest.raises(ValueError, match="--warmup 4 \\+ --batches 5 need 9 validation batches of 4"):
         grad_probe.probe(str(run), ["none"], batch=4, batches=5, warmup=4, show=[])
 
