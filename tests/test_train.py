@@ -448,11 +448,15 @@ def test_gradient_probe_is_exact_without_compression_and_not_with_it():
     exact.train()
     probe = exact.gradient_probe()
     assert probe["model"] == pytest.approx(1.0, abs=1e-12) and probe["sites"] == {}
+    assert probe["worst_tensor"]["cosine"] == pytest.approx(1.0, abs=1e-12) and probe["sign_agreement"] == 1.0
     lossy = Trainer(tiny(*LASER_TINY, "method.rank=1", "method.policy=paper", "max_steps=2"))
     lossy.train()
     before = lossy.method.state_dict()
     probe = lossy.gradient_probe()
     assert probe["model"] < 0.999999 and probe["sites"]
+    # the least faithful tensor is a named parameter, not exact, and some signs flip
+    assert probe["worst_tensor"]["name"] in dict(lossy.model.named_parameters())
+    assert probe["worst_tensor"]["cosine"] < 0.999999 and probe["sign_agreement"] < 1.0
     assert all(-1 <= c <= 1 for c in probe["sites"].values())
     after = lossy.method.state_dict()  # the running method is untouched by the probes
     assert before["steps"] == after["steps"]

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import laser.methods
+from laser.analysis.gradients import tensor_gradients, trainable_sizes
 from laser.hooks import ActivationMethod
 from laser.models.trm import TRMCarry
 from laser.train import tasks
@@ -507,7 +508,11 @@ class Trainer:
     def gradient_probe(self, sites: bool = True) -> dict:
         """Cosine between the method's parameter gradients and exact ones on two fixed validation batches.
 
-        ``"model"``: every site the method compresses now; ``"sites"`` (when ``sites`` and
+        ``"model"``: every site the method compresses now, over the whole model; ``"worst_tensor"``: the parameter
+        tensor whose gradient is the least faithful (its name and cosine), and ``"sign_agreement"``: the lowest
+        fraction of a tensor's coordinates whose gradient has the exact sign (an optimizer like Adam follows every
+        tensor alike, so these can matter where the whole-model cosine, dominated by the largest gradients, looks
+        fine); ``"sites"`` (when ``sites`` and
         ``cfg.grad_probe_sites``, else empty): one site compressed at a time (the method option
         ``include=(site,)``), a backward pass per site. Each probe is a copy of the method built with the same options
         and loaded with its current state, so the running method is never touched.
@@ -515,7 +520,11 @@ class Trainer:
         b = self.cfg.grad_probe_batch
         batches = [(self.val_inputs[i * b : (i + 1) * b], self.val_targets[i * b : (i + 1) * b]) for i in range(2)]
         exact = self._gradients(batches, None)
-        out = {"step": self.step, "model": cosine(self._probe_gradients(batches, {}), exact), "sites": {}}
+        approx = self._probe_gradients(batches, {})
+        tensors = tensor_gradients(approx, exact, trainable_sizes(self.model))
+        out = {"step": self.step, "model": cosine(approx, exact),
+               "worst_tensor": {"name": tensors[0].name, "cosine": tensors[0].cosine},
+               "sign_agreement": min(t.sign_agreement for t in tensors), "sites": {}}
         if sites and self.cfg.grad_probe_sites:
             compressed = [s.name for s in self.method.report().sites if s.stored_bytes < s.raw_bytes]
             for site in compressed:
