@@ -446,14 +446,15 @@ def test_expansions_count_only_growth():
 
 
 # ------------------------------------------------------------------------------------ threads (6)
-def test_one_compressor_from_two_threads():
+@pytest.mark.parametrize("bases", ["site", "position"])
+def test_one_compressor_from_two_threads(bases):
     torch.manual_seed(0)
     model = Tanh2()
     twin = copy.deepcopy(model)
     xs = [torch.randn(256, 64) for _ in range(2)]
     for x in xs:
         twin(x).square().mean().backward()
-    comp = laser.Compressor(model, laser.LaserConfig(rank=64, min_numel=0, policy="paper"))
+    comp = laser.Compressor(model, laser.LaserConfig(rank=64, min_numel=0, policy="paper", bases=bases))
     errors = []
     barrier = threading.Barrier(2)
 
@@ -475,6 +476,8 @@ def test_one_compressor_from_two_threads():
     assert not errors, errors
     assert sum(s.tensors for s in comp.report().sites) == 2 * 4  # each thread's x, a(x), tanh out, b(x)
     assert (grads(model) - grads(twin)).norm() <= 1e-5 * grads(twin).norm()
+    if bases == "position":  # each thread's forward counts its own positions: one per site, both at position 0
+        assert {name.rpartition("@")[2] for name in comp.sites} == {"0"}
 
 
 # ------------------------------------------------------------------------------------ defaults (7)

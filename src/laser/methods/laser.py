@@ -162,14 +162,12 @@ class Compressor(ActivationMethod):
         # None: the guarded policy's per-tensor test is left on the device for accelerator tensors only (a
         # read there waits for the device); True / False force it either way (the tests use True on a CPU).
         self.defer_guard: bool | None = None
-        # bases="position": the last position each site has had in this forward, and the position of each
-        # storage held pending (by the id of its rows, which the pending entry keeps alive)
-        self._positions: dict[str, int] = {}
-        self._held: dict[int, str] = {}
 
     def __enter__(self) -> Compressor:
         if not self.active_in_thread():
-            self._positions, self._held = {}, {}
+            # bases="position", per thread and forward: the last position each site has had, and the position of
+            # each storage held pending (by the id of its rows, which the pending entry keeps alive)
+            self._thread.positions, self._thread.held = {}, {}
         return super().__enter__()
 
     @property
@@ -200,7 +198,7 @@ class Compressor(ActivationMethod):
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
         if stats.encoded == 0 and not self._step_pays(stats, x, rank, compute):
             if cfg.bases == "position":
-                self._held[id(x)] = site  # alive (held raw) until encoded again or settled at the forward's end
+                self._thread.held[id(x)] = site  # alive (held raw) until encoded again or settled at the forward's end
             return Reason.PENDING
         tracked = self._basis_in(state, stats, compute)  # (D, k + p)
         xc = x.to(tracked.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
@@ -373,10 +371,11 @@ class Compressor(ActivationMethod):
     def _position_site(self, x: torch.Tensor, site: str) -> str:
         """The key of ``x``'s basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
         forward (its n-th recursion step); a storage held pending and encoded again keeps its position."""
-        held = self._held.pop(id(x), None)
+        held = self._thread.held.pop(id(x), None)
         if held is not None:
             return held
-        count = self._positions[site] = self._positions.get(site, -1) + 1
+        positions = self._thread.positions
+        count = positions[site] = positions.get(site, -1) + 1
         return f"{site}@{count}"
 
     def _site_of(self, key: str) -> str:
