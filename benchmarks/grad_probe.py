@@ -28,7 +28,7 @@ import laser
 from common import environment, markdown_table, ratio, set_threads, size
 from laser import methods
 from laser.analysis.analyze import build_model, load_run, task_loss, validation_batches
-from laser.analysis.gradients import parameter_gradient, tensor_gradients, trainable_sizes
+from laser.analysis.gradients import least_faithful, parameter_gradient
 from laser.train.config import parse_method_spec
 
 
@@ -64,8 +64,7 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
         report = method.report()
         baseline_bytes = baseline_bytes or report.stored_bytes
         cosine = (approx @ exact / (approx.norm() * exact.norm())).item()
-        tensors = tensor_gradients(approx, exact, trainable_sizes(model))
-        worst, signs = tensors[0], min(row.sign_agreement for row in tensors)
+        worst, signs = least_faithful(approx, exact, model)
         sites = {s.name: s for s in report.sites}
         shown = [f"{sites[n].rank} / {sites[n].fidelity:.4f}" if n in sites else "-" for n in show]
         rows.append([text, f"{cosine:.4f}", f"{((approx - exact).norm() / exact.norm()).item():.4f}",

@@ -123,6 +123,13 @@ def trainable_sizes(model: nn.Module) -> list[tuple[str, int]]:
     return [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def least_faithful(approx: Tensor, exact: Tensor, model: nn.Module) -> tuple[TensorGradient, float]:
+    """Of ``model``'s trainable parameters (flat gradients as :func:`parameter_gradient` makes them): the tensor
+    whose gradient has the lowest cosine, and the lowest sign agreement of any tensor."""
+    rows = tensor_gradients(approx, exact, trainable_sizes(model))
+    return rows[0], min(row.sign_agreement for row in rows)
+
+
 def _cosine(a: Tensor, b: Tensor) -> float:
     norm = (a.norm() * b.norm()).item()
     if norm == 0:

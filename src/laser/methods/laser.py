@@ -518,7 +518,10 @@ class Compressor(ActivationMethod):
 
     # ------------------------------------------------------------------ report
     def site_row(self, site: str, account: SiteAccount) -> SiteReport:
-        keys = [key for key in self.stats if self._site_of(key) == site]  # under bases="position", its positions
+        if self.config.bases == "position":  # the site's positions make its one row
+            keys = [key for key in self.stats if self._site_of(key) == site]
+        else:
+            keys = [site] if site in self.stats else []
         if not keys:
             return super().site_row(site, account)
         states, steps = [self.sites[key] for key in keys], [self.stats[key] for key in keys]

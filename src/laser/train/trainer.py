@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 import laser.methods
-from laser.analysis.gradients import tensor_gradients, trainable_sizes
+from laser.analysis.gradients import least_faithful
 from laser.hooks import ActivationMethod
 from laser.models.trm import TRMCarry
 from laser.train import tasks
@@ -521,10 +521,9 @@ class Trainer:
         batches = [(self.val_inputs[i * b : (i + 1) * b], self.val_targets[i * b : (i + 1) * b]) for i in range(2)]
         exact = self._gradients(batches, None)
         approx = self._probe_gradients(batches, {})
-        tensors = tensor_gradients(approx, exact, trainable_sizes(self.model))
+        worst, signs = least_faithful(approx, exact, self.model)
         out = {"step": self.step, "model": cosine(approx, exact),
-               "worst_tensor": {"name": tensors[0].name, "cosine": tensors[0].cosine},
-               "sign_agreement": min(t.sign_agreement for t in tensors), "sites": {}}
+               "worst_tensor": {"name": worst.name, "cosine": worst.cosine}, "sign_agreement": signs, "sites": {}}
         if sites and self.cfg.grad_probe_sites:
             compressed = [s.name for s in self.method.report().sites if s.stored_bytes < s.raw_bytes]
             for site in compressed:
