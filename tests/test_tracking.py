@@ -285,3 +285,20 @@ def test_positions_count_per_forward_and_resume_exactly():
 def test_bases_other_than_site_or_position_are_rejected_with_the_setting_named():
     with pytest.raises(ValueError, match=r"bases='step' is invalid: use 'site' or 'position'"):
         laser.LaserConfig(bases="step")
+
+
+def test_a_position_too_small_to_pay_for_its_basis_stays_raw():
+    """Position 0 (3 rows) cannot pay for a basis of its own, and no later storage of the forward joins its
+    position: it is stored raw (break-even) at once, never held pending and encoded again under another key."""
+    lin = nn.Linear(64, 64, bias=False)
+    comp = laser.Compressor(lin, laser.LaserConfig(rank=2, max_rank=2, min_numel=0, policy="paper", bases="position"))
+    for _ in range(2):
+        with comp:
+            loss = lin(torch.randn(3, 64)).sum() + lin(torch.randn(256, 64)).sum()
+        loss.backward()
+        report = comp.report()
+        comp.step()
+    assert sorted(comp.sites) == [f"{SITE}@0", f"{SITE}@1"]
+    row = report.site(SITE)
+    assert row.reasons == {"break-even": 1} and row.tensors == 2
+    assert row.stored_bytes < row.raw_bytes

@@ -165,9 +165,7 @@ class Compressor(ActivationMethod):
 
     def __enter__(self) -> Compressor:
         if not self.active_in_thread():
-            # bases="position", per thread and forward: the last position each site has had, and the position of
-            # each storage held pending (by the id of its rows, which the pending entry keeps alive)
-            self._thread.positions, self._thread.held = {}, {}
+            self._thread.positions = {}  # bases="position": the last position each site has had in this forward
         return super().__enter__()
 
     @property
@@ -178,7 +176,7 @@ class Compressor(ActivationMethod):
     def encode(self, x: torch.Tensor, site: str) -> Packed | str:
         cfg = self.config
         if cfg.bases == "position":
-            site = self._position_site(x, site)
+            site = self._position_site(site)
         state = self.sites.get(site)
         if state is None:
             state = self.sites[site] = SiteState(x.shape[1])
@@ -197,9 +195,8 @@ class Compressor(ActivationMethod):
             return Reason.FROZEN
         compute = matmul_dtype(x.dtype, cfg.matmul_dtype)
         if stats.encoded == 0 and not self._step_pays(stats, x, rank, compute):
-            if cfg.bases == "position":
-                self._thread.held[id(x)] = site  # alive (held raw) until encoded again or settled at the forward's end
-            return Reason.PENDING
+            # a position is one storage of the forward: no later one can join it to pay for the basis
+            return Reason.BREAK_EVEN if cfg.bases == "position" else Reason.PENDING
         tracked = self._basis_in(state, stats, compute)  # (D, k + p)
         xc = x.to(tracked.dtype)  # (N, D); no copy unless the reference path upcasts a 16-bit activation
         projected = xc @ tracked  # (N, k + p): all of it feeds the power step, the leading k are stored
@@ -368,12 +365,9 @@ class Compressor(ActivationMethod):
     def clear_step(self) -> None:
         self.stats = {}
 
-    def _position_site(self, x: torch.Tensor, site: str) -> str:
+    def _position_site(self, site: str) -> str:
         """The key of ``x``'s basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
-        forward (its n-th recursion step); a storage held pending and encoded again keeps its position."""
-        held = self._thread.held.pop(id(x), None)
-        if held is not None:
-            return held
+        forward (its n-th recursion step). Each storage is encoded once: a position never holds one pending."""
         positions = self._thread.positions
         count = positions[site] = positions.get(site, -1) + 1
         return f"{site}@{count}"
