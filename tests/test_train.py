@@ -98,13 +98,29 @@ def test_overrides_parse_to_field_types():
     assert cfg.total_steps == 12
 
 
+def test_a_finished_run_is_reused_whatever_the_preset_gives_other_methods(tmp_path):
+    from laser.train.compare import finished_result
+
+    def saved(cfg):
+        (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+        (tmp_path / "result.json").write_text(json.dumps({"ok": 1}))
+
+    quick = train_preset("quick")
+    other = dataclasses.replace(quick, method_defaults={"laser": {"rank": 8}})
+    saved(with_method(quick, "none"))
+    assert finished_result(with_method(other, "none"), tmp_path) == {"ok": 1}
+    saved(with_method(quick, "laser"))  # the rank merged into the run's own options still tells runs apart
+    assert finished_result(with_method(other, "laser"), tmp_path) is None
+    assert finished_result(with_method(quick, "laser"), tmp_path) == {"ok": 1}
+
+
 def test_preset_method_defaults_apply_under_explicit_options():
     quick = train_preset("quick")
-    assert with_method(quick, "laser").method_options == {"rank": 32}
+    assert with_method(quick, "laser").method_options == {"rank": 56}
     assert with_method(quick, "laser:rank=8,quantize=int8").method_options == {"rank": 8, "quantize": "int8"}
     assert with_method(quick, "none").method_options == {}
     assert apply_overrides(quick, ["method=laser", "method.quantize=int8"]).method_options == {
-        "rank": 32, "quantize": "int8"}
+        "rank": 56, "quantize": "int8"}
     with pytest.raises(ValueError, match="valid methods"):
         TrainConfig(method_defaults={"bogus": {}})
     with pytest.raises(ValueError, match="rank"):
@@ -157,7 +173,11 @@ def test_quick11_is_the_measured_recipe():
     run = apply_overrides(train_preset("quick"), [
         "data.size=11", "eval_every=250", "checkpoint_every=250", "model.local_heads=8", "model.n_sup=4",
         "data.curriculum_epochs=1", "max_steps=3000"])
-    assert train_preset("quick11") == run
+    quick11 = train_preset("quick11")
+    assert dataclasses.replace(quick11, method_defaults=run.method_defaults) == run
+    # LASER as compare-quick11.md measured it: rank 32, retrying untracked sites after 50 steps
+    assert with_method(quick11, "laser").method_options == {"rank": 32, "retry_after": 50}
+    assert with_method(quick11, "oracle").method_options == {"rank": 32}
 
 
 def test_config_round_trips_through_json():
