@@ -14,7 +14,8 @@ It answers "which sites may a method touch": e.g. whether attention heads folded
 
 ``--plan COSINE`` also runs budget mode (:func:`laser.plan`) for that gradient-cosine floor, tracked on the
 warm-up batches and measured on the others, prints what it raised and protected, and adds its settings as
-a spec to the table (the spec line can be passed to ``laser compare --methods`` as it is).
+a spec to the table (the spec line can be passed to ``laser compare --methods`` as it is); with ``--per-tensor``
+the floor holds for every parameter tensor's gradient cosine (``laser.Target(tensor_cosine=...)``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
     return rows
 
 
-def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int) -> tuple[laser.Plan, str]:
-    """Budget mode's plan for a gradient-cosine floor on the run's final weights, and its method spec.
+def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int,
+              per_tensor: bool = False) -> tuple[laser.Plan, str]:
+    """Budget mode's plan for a gradient-cosine floor on the run's final weights, and its method spec: a floor
+    on the whole-model cosine, or with ``per_tensor`` on every parameter tensor's.
 
     Each probe tracks over the ``warmup`` validation batches of ``batch`` and is measured on the ``batches``
     after them, as :func:`probe` measures every spec."""
@@ -84,7 +87,8 @@ def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int
     warm, measured = pool[:warmup], pool[warmup:warmup + batches]
     config = methods.make_config("laser", **run.config.method_defaults.get("laser", {}))
     loss_fn = task_loss(run.config)
-    plan = laser.plan(model, lambda m: sum(loss_fn(m, b) for b in measured), laser.Target(grad_cosine=cosine),
+    target = laser.Target(tensor_cosine=cosine) if per_tensor else laser.Target(grad_cosine=cosine)
+    plan = laser.plan(model, lambda m: sum(loss_fn(m, b) for b in measured), target,
                       config, warmup=[lambda m, b=b: loss_fn(m, b) for b in warm])
     options = [f"rank={plan.config.rank}"]
     if plan.config.site_ranks:
@@ -105,12 +109,14 @@ def main() -> None:
                         help="sites whose rank / fidelity get a column")
     parser.add_argument("--plan", type=float, default=None, metavar="COSINE",
                         help="also plan LASER's site ranks for this gradient-cosine floor (budget mode)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="--plan's floor holds for every parameter tensor's gradient, not the whole model's")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
     specs = list(args.specs)
     if args.plan is not None:
-        plan, spec = plan_spec(args.run_dir, args.plan, args.batch, args.batches, args.warmup)
+        plan, spec = plan_spec(args.run_dir, args.plan, args.batch, args.batches, args.warmup, args.per_tensor)
         print(f"## Budget mode on {args.run_dir}\n\n```\n{plan}\n```\n\nspec: `{spec}`\n")
         specs.append(spec)
     rows = probe(args.run_dir, specs, args.batch, args.batches, args.warmup, args.show)

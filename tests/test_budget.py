@@ -86,6 +86,40 @@ def test_site_ranks_pick_the_first_matching_entry_and_bad_entries_name_the_fix()
         laser.LaserConfig(rank=32, max_rank=32, site_ranks="a=64")
 
 
+class Loud(TwoSites):
+    """``low``'s gradient is 100x the size of ``full``'s: the whole-model cosine sees ``low`` alone."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__(d)
+        self.low, self.full = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 100 * self.low(a).square().mean() + self.full(b).square().mean()
+
+
+def test_a_tensor_floor_protects_the_sites_a_whole_model_floor_cannot_see():
+    torch.manual_seed(0)
+    d, n = 64, 512
+    model = Loud(d)
+    a, b = torch.randn(n, 4) @ torch.randn(4, d) / 2, torch.randn(n, d)  # low's input and output: rank 4
+    config = laser.LaserConfig(rank=4, min_numel=0, policy="paper")
+    whole = laser.plan(model, lambda m: m(a, b), laser.Target(grad_cosine=0.99), config)
+    assert not whole.protected and not whole.raised  # met as it is: low's exact gradient dominates
+    assert whole.measured.cosine >= 0.99 and whole.measured.worst_tensor == "full.weight"
+    assert whole.measured.tensor_cosine < 0.9  # ... while full's own gradient is far off
+    plan = laser.plan(model, lambda m: m(a, b), laser.Target(tensor_cosine=0.99), config)
+    # full's input and output are full rank: no rank under D/2 holds them, so both are kept raw; low stays coded
+    assert set(plan.protected) == {"full/input:64", "full/mm:64"} and not plan.raised
+    assert all(cosine < 0.99 for cosine in plan.protected.values())
+    assert plan.measured.tensor_cosine >= 0.99 and plan.measured.stored_fraction < 1.0
+    assert plan.config.rank_for("low/input:64") == 4
+    assert "protected full/input:64" in str(plan) and "least faithful tensor" in str(plan)
+    with pytest.raises(ValueError, match="exactly one of grad_cosine, tensor_cosine"):
+        laser.Target(grad_cosine=0.99, tensor_cosine=0.99)
+    with pytest.raises(ValueError, match=r"tensor_cosine=1.5 is invalid: must be in \(0, 1\]"):
+        laser.Target(tensor_cosine=1.5)
+
+
 def test_an_error_target_sets_per_site_ranks_and_a_byte_budget_is_met():
     model, loss_fn = problem()
     config = laser.LaserConfig(rank=4, min_numel=0, policy="paper")

@@ -1,7 +1,8 @@
 """Budget mode: state one target, get the LASER settings that meet it, measured on the model itself.
 
-A target is one of: a floor on the whole-model gradient cosine against the exact gradient, a relative
-reconstruction error per site, or a share of the baseline's saved-activation bytes. :func:`plan` measures
+A target is one of: a floor on the whole-model gradient cosine against the exact gradient, a floor on every
+parameter tensor's own gradient cosine, a relative reconstruction error per site, or a share of the baseline's
+saved-activation bytes. :func:`plan` measures
 on a fixed batch the user's own step (``loss_fn(model)``) and returns a :class:`Plan`: the
 :class:`~laser.config.LaserConfig` to build the compressor with, and what it protected (kept raw) and why.
 
@@ -10,6 +11,10 @@ on a fixed batch the user's own step (``loss_fn(model)``) and returns a :class:`
   (``LaserConfig.site_ranks``) and is probed alone again; a site whose doubled rank would reach half its
   width (where codes no longer save enough to be worth their error) or pass the user's ``max_rank`` is
   protected (kept raw) instead.
+* ``tensor_cosine``: the same, against the least faithful parameter tensor's gradient cosine. The whole-model
+  cosine is dominated by the tensors with the largest gradients and can stay above 0.99 while a small tensor's
+  gradient is far off; Adam scales each coordinate by its own history, so it follows that tensor's error all
+  the same.
 * ``max_error``: every site gets the smallest rank whose SVD error on its sampled rows is at most this
   (``LaserConfig.max_error``); nothing else to measure but the result.
 * ``stored_fraction``: the smallest ``max_error`` on a log grid whose measured stored bytes are within the
@@ -32,29 +37,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from laser.analysis.gradients import parameter_gradient, tensor_gradients, trainable_sizes
 from laser.config import LaserConfig
 from laser.methods.laser import Compressor
 
 
 @dataclass(frozen=True)
 class Target:
-    """What the user asks of LASER: exactly one of the three.
+    """What the user asks of LASER: exactly one of the four.
 
     Attributes:
         grad_cosine: the least whole-model gradient cosine against the exact gradient, in (0, 1].
+        tensor_cosine: the least gradient cosine of any single trainable parameter tensor, in (0, 1].
         max_error: the largest relative reconstruction error of any site, in (0, 1).
         stored_fraction: the largest share of the baseline's saved-activation bytes to keep, in (0, 1].
     """
 
     grad_cosine: float | None = None
+    tensor_cosine: float | None = None
     max_error: float | None = None
     stored_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("grad_cosine", "max_error", "stored_fraction") if getattr(self, name) is not None]
+        names = ("grad_cosine", "tensor_cosine", "max_error", "stored_fraction")
+        given = [name for name in names if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("Target takes exactly one of grad_cosine, max_error, stored_fraction; "
-                             f"got {given or 'none'}")
+            raise ValueError(f"Target takes exactly one of {', '.join(names)}; got {given or 'none'}")
         value = getattr(self, given[0])
         ok = 0.0 < value < 1.0 if given[0] == "max_error" else 0.0 < value <= 1.0
         if not ok:
@@ -64,10 +72,13 @@ class Target:
 
 @dataclass
 class Measurement:
-    """One probe: the whole-model gradient cosine and the stored share of raw bytes, last probe step."""
+    """One probe, at its last step: the whole-model gradient cosine, the stored share of raw bytes, and the
+    parameter tensor whose gradient is least faithful with its cosine."""
 
     cosine: float
     stored_fraction: float
+    worst_tensor: str = ""
+    tensor_cosine: float = 1.0
 
 
 @dataclass
@@ -77,9 +88,10 @@ class Plan:
     Attributes:
         config: the LaserConfig to build the compressor with (protected sites in ``exclude``, raised ranks
             first in ``site_ranks``).
-        protected: site -> its gradient cosine when it alone is compressed (why it is kept raw).
+        protected: site -> its gradient cosine when it alone is compressed (why it is kept raw); under a
+            ``tensor_cosine`` target, the least faithful tensor's.
         raised: site -> ``(rank, cosine)``: the rank it was given and its gradient cosine alone at the rank
-            it had before (why it was raised).
+            it had before (why it was raised), measured as ``protected`` is.
         measured: the plan's own measurement.
         target: what was asked.
     """
@@ -91,8 +103,10 @@ class Plan:
     target: Target | None = None
 
     def __str__(self) -> str:
-        lines = [f"plan for {self.target}: gradient cosine {self.measured.cosine:.4f}, "
-                 f"stored {100 * self.measured.stored_fraction:.1f}% of raw"]
+        measured = self.measured
+        lines = [f"plan for {self.target}: gradient cosine {measured.cosine:.4f} (least faithful tensor "
+                 f"{measured.worst_tensor} {measured.tensor_cosine:.4f}), "
+                 f"stored {100 * measured.stored_fraction:.1f}% of raw"]
         if self.config.max_error is not None:
             lines.append(f"per-site ranks from max_error={self.config.max_error:.4g}")
         for site, (rank, cosine) in sorted(self.raised.items(), key=lambda kv: kv[1][1]):
@@ -118,7 +132,7 @@ def plan(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], target:
         raise ValueError(f"probe_steps={probe_steps!r} is invalid: must be >= 1 (steps per probe)")
     warmup = list(warmup) if warmup is not None else [loss_fn] * (probe_steps - 1)
     exact = _gradient(model, loss_fn, None)
-    measure = _Prober(model, loss_fn, exact, warmup)
+    measure = _Prober(model, loss_fn, exact, warmup, trainable_sizes(model))
     if target.max_error is not None:
         chosen = dataclasses.replace(config, max_error=target.max_error)
         return Plan(chosen, measured=measure(chosen)[0], target=target)
@@ -128,6 +142,13 @@ def plan(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], target:
 
 
 def _protect(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
+    """Raise the rank of, or protect, the site that hurts most alone until the cosine floor holds."""
+    per_tensor = target.tensor_cosine is not None
+    floor = target.tensor_cosine if per_tensor else target.grad_cosine
+
+    def score(measured: Measurement) -> float:
+        return measured.tensor_cosine if per_tensor else measured.cosine
+
     ranks: dict[str, int] = {}  # site -> the rank the plan gives it
     protected: dict[str, float] = {}
     raised: dict[str, tuple[int, float]] = {}
@@ -138,20 +159,20 @@ def _protect(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
                                    exclude=(*config.exclude, *map(_literal, sorted(protected))), **extra)
 
     def alone(site: str) -> float:
-        return measure(planned(include=(_literal(site),)))[0].cosine
+        return score(measure(planned(include=(_literal(site),)))[0])
 
     whole, coded = measure(config)
     cosines = {site: alone(site) for site in coded}
-    while whole.cosine < target.grad_cosine and coded:
+    while score(whole) < floor and coded:
         site = min(coded, key=lambda name: cosines.get(name, 1.0))
         rank = 2 * ranks.get(site, config.rank_for(site))
         if 2 * rank >= coded[site] or (config.max_rank is not None and rank > config.max_rank):
-            protected[site] = cosines.pop(site, whole.cosine)
+            protected[site] = cosines.pop(site, score(whole))
             raised.pop(site, None)
             ranks.pop(site, None)
         else:
             ranks[site] = rank
-            raised[site] = (rank, cosines.get(site, whole.cosine))
+            raised[site] = (rank, cosines.get(site, score(whole)))
             cosines[site] = alone(site)
         whole, coded = measure(planned())
     return Plan(planned(), protected, raised, whole, target)
@@ -171,8 +192,9 @@ def _fit_bytes(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
 class _Prober:
     """Runs probes of configs against the exact gradient."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, warmup: list[Callable]) -> None:
-        self.model, self.loss_fn, self.exact, self.warmup = model, loss_fn, exact, warmup
+    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, warmup: list[Callable],
+                 sizes: list[tuple[str, int]]) -> None:
+        self.model, self.loss_fn, self.exact, self.warmup, self.sizes = model, loss_fn, exact, warmup, sizes
 
     def __call__(self, config: LaserConfig) -> tuple[Measurement, dict[str, int]]:
         """The measurement of ``config`` and the sites that stored codes in the last step, with their widths."""
@@ -187,22 +209,16 @@ class _Prober:
         finally:
             comp.remove()
         cosine = float(torch.nn.functional.cosine_similarity(grad, self.exact, dim=0))
+        worst = tensor_gradients(grad, self.exact, self.sizes)[0]
         stored = report.stored_bytes / report.raw_bytes if report.raw_bytes else 1.0
         coded = {row.name: row.dim for row in report.sites if row.fallbacks < row.tensors}
-        return Measurement(cosine if math.isfinite(cosine) else 0.0, stored), coded
+        finite = [value if math.isfinite(value) else 0.0 for value in (cosine, worst.cosine)]
+        return Measurement(finite[0], stored, worst.name, finite[1]), coded
 
 
 def _gradient(model: nn.Module, loss_fn: Callable, method: Compressor | None) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
-    if method is None:
-        loss = loss_fn(model)
-    else:
-        with method:
-            loss = loss_fn(model)
-    loss.backward()
-    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    return torch.cat(grads)
+    """The flat gradient of ``loss_fn(model)`` over the trainable parameters; ``.grad`` fields untouched."""
+    return parameter_gradient(model, [None], lambda m, _: loss_fn(m), method)
 
 
 def _literal(site: str) -> str:
