@@ -75,9 +75,10 @@ def probe(run_dir: str, specs: Sequence[str], batch: int, batches: int, warmup: 
 
 
 def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int,
-              per_tensor: bool = False) -> tuple[laser.Plan, str]:
+              per_tensor: bool = False, start: str = "laser") -> tuple[laser.Plan, str]:
     """Budget mode's plan for a gradient-cosine floor on the run's final weights, and its method spec: a floor
-    on the whole-model cosine, or with ``per_tensor`` on every parameter tensor's.
+    on the whole-model cosine, or with ``per_tensor`` on every parameter tensor's, planned from the LASER spec
+    ``start`` (its options over the run's preset defaults).
 
     Each probe tracks over the ``warmup`` validation batches of ``batch`` and is measured on the ``batches``
     after them, as :func:`probe` measures every spec."""
@@ -85,12 +86,17 @@ def plan_spec(run_dir: str, cosine: float, batch: int, batches: int, warmup: int
     model = build_model(run.config, run.weights[run.final_step], torch.device("cpu"))
     pool = validation_batches(run.config, batch, torch.device("cpu"))
     warm, measured = pool[:warmup], pool[warmup:warmup + batches]
-    config = methods.make_config("laser", **run.config.method_defaults.get("laser", {}))
+    spec = parse_method_spec(start)
+    if spec.name != "laser":
+        raise ValueError(f"--plan-from {start!r} is invalid: budget mode plans LASER, use a laser spec "
+                         "(e.g. laser:rank=56,quantize=int8)")
+    config = methods.make_config("laser", **{**run.config.method_defaults.get("laser", {}), **spec.options})
     loss_fn = task_loss(run.config)
     target = laser.Target(tensor_cosine=cosine) if per_tensor else laser.Target(grad_cosine=cosine)
     plan = laser.plan(model, lambda m: sum(loss_fn(m, b) for b in measured), target,
                       config, warmup=[lambda m, b=b: loss_fn(m, b) for b in warm])
-    options = [f"rank={plan.config.rank}"]
+    options = [f"{key}={value}" for key, value in spec.options.items() if key not in ("rank", "site_ranks", "exclude")]
+    options.insert(0, f"rank={plan.config.rank}")
     if plan.config.site_ranks:
         options.append("site_ranks=" + ";".join(plan.config.site_ranks))
     if plan.config.exclude:
@@ -111,12 +117,15 @@ def main() -> None:
                         help="also plan LASER's site ranks for this gradient-cosine floor (budget mode)")
     parser.add_argument("--per-tensor", action="store_true",
                         help="--plan's floor holds for every parameter tensor's gradient, not the whole model's")
+    parser.add_argument("--plan-from", default="laser", metavar="SPEC",
+                        help="the LASER spec --plan starts from (default: the run's preset defaults)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     set_threads(args.threads)
     specs = list(args.specs)
     if args.plan is not None:
-        plan, spec = plan_spec(args.run_dir, args.plan, args.batch, args.batches, args.warmup, args.per_tensor)
+        plan, spec = plan_spec(args.run_dir, args.plan, args.batch, args.batches, args.warmup, args.per_tensor,
+                               args.plan_from)
         print(f"## Budget mode on {args.run_dir}\n\n```\n{plan}\n```\n\nspec: `{spec}`\n")
         specs.append(spec)
     rows = probe(args.run_dir, specs, args.batch, args.batches, args.warmup, args.show)

@@ -361,9 +361,13 @@ def test_grad_probe_compares_methods_with_the_exact_gradient(tmp_path):
     worst, name = rows[2][3].split(" ", 1)  # the worst tensor, by its parameter name
     assert float(worst) < 1.0 and name.strip("()").endswith(("weight", "bias")) and float(rows[2][4]) <= 1.0
     assert rows[2][7] == "-"  # a site the run does not have
-    plan, spec = grad_probe.plan_spec(str(run), 0.999, batch=4, batches=2, warmup=1, per_tensor=True)
-    assert plan.target.tensor_cosine == 0.999 and spec.startswith("laser:rank=")
+    plan, spec = grad_probe.plan_spec(str(run), 0.999, batch=4, batches=2, warmup=1, per_tensor=True,
+                                      start="laser:rank=4,min_numel=16,quantize=int8")
+    assert plan.target.tensor_cosine == 0.999 and spec.startswith("laser:rank=4,min_numel=16,quantize=int8")
+    assert plan.config.quantize == "int8" and plan.config.min_numel == 16
     assert plan.measured.tensor_cosine >= 0.999  # met, if need be by protecting every coded site
+    with pytest.raises(ValueError, match="--plan-from 'quant' is invalid: budget mode plans LASER"):
+        grad_probe.plan_spec(str(run), 0.999, batch=4, batches=2, warmup=1, start="quant")
     with pytest.raises(ValueError, match="--warmup 4 \\+ --batches 5 need 9 validation batches of 4"):
         grad_probe.probe(str(run), ["none"], batch=4, batches=5, warmup=4, show=[])
 

@@ -86,6 +86,19 @@ def test_site_ranks_pick_the_first_matching_entry_and_bad_entries_name_the_fix()
         laser.LaserConfig(rank=32, max_rank=32, site_ranks="a=64")
 
 
+def test_int8_codes_raise_the_rank_fp32_codes_would_protect():
+    # Raising full's input to rank 32 stores half its raw bytes with fp32 codes (protected instead), an eighth
+    # and the basis with int8 codes: there it is raised, and the plan keeps fewer bytes.
+    model, loss_fn = problem()
+    fp32 = laser.plan(model, loss_fn, laser.Target(grad_cosine=0.99),
+                      laser.LaserConfig(rank=4, min_numel=0, policy="paper"))
+    int8 = laser.plan(model, loss_fn, laser.Target(grad_cosine=0.99),
+                      laser.LaserConfig(rank=4, min_numel=0, policy="paper", quantize="int8"))
+    assert "full/input:64" in fp32.protected and not int8.protected
+    assert int8.raised["full/input:64"][0] == 32 and int8.config.rank_for("full/input:64") == 32
+    assert int8.measured.cosine >= 0.99 and int8.measured.stored_fraction < fp32.measured.stored_fraction
+
+
 class Loud(TwoSites):
     """``low``'s gradient is 100x the size of ``full``'s: the whole-model cosine sees ``low`` alone."""
 

@@ -8,9 +8,10 @@ on a fixed batch the user's own step (``loss_fn(model)``) and returns a :class:`
 
 * ``grad_cosine``: each coded site is probed alone (only it compressed) for its gradient cosine. While the
   whole model, everything coded, is under the floor, the site that hurts most alone gets twice its rank
-  (``LaserConfig.site_ranks``) and is probed alone again; a site whose doubled rank would reach half its
-  width (where codes no longer save enough to be worth their error) or pass the user's ``max_rank`` is
-  protected (kept raw) instead.
+  (``LaserConfig.site_ranks``, at most its width) and is probed alone again. A site is protected (kept raw)
+  instead where the raised rank would store half its raw bytes or more (where codes no longer save enough to
+  be worth their error; estimated from the share its codes and basis take at its measured rank, so int8 codes
+  may grow to full width), where it is already at full width, or where the rank would pass the user's ``max_rank``.
 * ``tensor_cosine``: the same, against the least faithful parameter tensor's gradient cosine. The whole-model
   cosine is dominated by the tensors with the largest gradients and can stay above 0.99 while a small tensor's
   gradient is far off; Adam scales each coordinate by its own history, so it follows that tensor's error all
@@ -165,8 +166,11 @@ def _protect(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
     cosines = {site: alone(site) for site in coded}
     while score(whole) < floor and coded:
         site = min(coded, key=lambda name: cosines.get(name, 1.0))
-        rank = 2 * ranks.get(site, config.rank_for(site))
-        if 2 * rank >= coded[site] or (config.max_rank is not None and rank > config.max_rank):
+        dim, measured_rank, share = coded[site]
+        now = ranks.get(site, config.rank_for(site))
+        rank = min(2 * now, dim)
+        too_dear = rank <= now or share * rank / max(measured_rank, 1) >= 0.5
+        if too_dear or (config.max_rank is not None and rank > config.max_rank):
             protected[site] = cosines.pop(site, score(whole))
             raised.pop(site, None)
             ranks.pop(site, None)
@@ -196,8 +200,10 @@ class _Prober:
                  sizes: list[tuple[str, int]]) -> None:
         self.model, self.loss_fn, self.exact, self.warmup, self.sizes = model, loss_fn, exact, warmup, sizes
 
-    def __call__(self, config: LaserConfig) -> tuple[Measurement, dict[str, int]]:
-        """The measurement of ``config`` and the sites that stored codes in the last step, with their widths."""
+    def __call__(self, config: LaserConfig) -> tuple[Measurement, dict[str, tuple[int, int, float]]]:
+        """The measurement of ``config`` and the sites that stored codes in the last step, each with its width,
+        its rank and the share of its raw bytes its codes and basis took (LASER's per-step state left out: it
+        does not grow with the codes)."""
         comp = Compressor(self.model, config)
         try:
             for loss_fn in self.warmup:
@@ -211,7 +217,8 @@ class _Prober:
         cosine = float(torch.nn.functional.cosine_similarity(grad, self.exact, dim=0))
         worst = tensor_gradients(grad, self.exact, self.sizes)[0]
         stored = report.stored_bytes / report.raw_bytes if report.raw_bytes else 1.0
-        coded = {row.name: row.dim for row in report.sites if row.fallbacks < row.tensors}
+        coded = {row.name: (row.dim, row.rank, (row.stored_bytes - row.state_bytes) / row.raw_bytes)
+                 for row in report.sites if row.fallbacks < row.tensors and row.raw_bytes}
         finite = [value if math.isfinite(value) else 0.0 for value in (cosine, worst.cosine)]
         return Measurement(finite[0], stored, worst.name, finite[1]), coded
 
