@@ -285,14 +285,13 @@ def test_checkpoint_inputs_saved_by_forward_carry_belong_to_the_model():
         loss.backward()
         comp.step()
     names = {s.name: s for s in comp.report().sites}
-    # Per net call checkpoint keeps (h, injection): y + x of each latent update (made at the model's level),
-    # and each updated z (a block output, made by the final norm's product, named by the last block, which
-    # returned it) as the next call's input; the starting carries are views of the model's buffers, never
-    # sites. The new answer y, also the last block's output, is saved by the head: one more in that site.
-    injections = names[f"TRM/add:{cfg.hidden}"]
-    latents = names[f"blocks.{cfg.L_layers - 1}/mul:{cfg.hidden}"]
-    assert injections.tensors == cfg.L_cycles and latents.tensors == cfg.L_cycles + 1
-    for root in (injections, latents):
+    # Per net call checkpoint keeps one input, h + injection, made at the model's level: z + (y + x) for each
+    # latent update, y + z for the answer update. The new answer y, the last block's output (made by the final
+    # norm's product), is saved by the head.
+    inputs = names[f"TRM/add:{cfg.hidden}"]
+    answer = names[f"blocks.{cfg.L_layers - 1}/mul:{cfg.hidden}"]
+    assert inputs.tensors == cfg.L_cycles + 1 and answer.tensors == 1
+    for root in (inputs, answer):
         assert root.fallbacks == 0 and root.stored_bytes < root.raw_bytes
     assert not [name for name in names if name.startswith("<outside>/") and name.endswith(f":{cfg.hidden}")]
 

@@ -289,19 +289,20 @@ class TRM(nn.Module):
         pos = self.pos[: inputs.shape[1]].to(self.dtype) * self.embed.scale
         return (self.embed(inputs) + pos) / math.sqrt(2)
 
-    def _net(self, h: Tensor, injection: Tensor, cos_sin: CosSin | None) -> Tensor:
-        """The weight-tied block stack on h + injection."""
-        h = h + injection
+    def _net(self, h: Tensor, cos_sin: CosSin | None) -> Tensor:
+        """The weight-tied block stack."""
         for block in self.blocks:
             h = block(h, cos_sin)
         return h
 
     def _call_net(self, h: Tensor, injection: Tensor, cos_sin: CosSin | None, recompute: bool) -> Tensor:
-        """`_net`, under activation checkpointing when `recompute` (its activations are rebuilt in
-        backward instead of saved)."""
+        """`_net` on h + injection, under activation checkpointing when `recompute` (its activations are rebuilt
+        in backward instead of saved). The sum is made outside the checkpointed region: the region then keeps
+        one input per call, not two (the add saves nothing for its backward)."""
+        h = h + injection
         if recompute:
-            return checkpointed(self._net, h, injection, cos_sin, coded=self.cfg.coded_recompute)
-        return self._net(h, injection, cos_sin)
+            return checkpointed(self._net, h, cos_sin, coded=self.cfg.coded_recompute)
+        return self._net(h, cos_sin)
 
     def _cycle(self, y: Tensor, z: Tensor, x: Tensor, cos_sin: CosSin | None) -> tuple[Tensor, Tensor]:
         """One recursion cycle: L_cycles latent updates, then one answer update."""
