@@ -62,10 +62,12 @@ def live_at_peak(prof: profile, device: str,
     ``(category, 0)`` -> their summed bytes), and what was running then (:func:`running_at`). A tensor whose
     address and size are in ``owned`` (:func:`own_tensors`) is counted under its role there instead of the
     profiler's category (by address alone for a tensor alive before the profile, which the profiler sizes by
-    the view it saw: a basis sliced from a batched storage)."""
+    the view it saw: a basis sliced from a batched storage). Tensors of :data:`MIN_BYTES` or more are keyed by
+    ``(category, bytes, origin)``, the origin being what allocated them (:func:`allocated_in`)."""
     memory_profile = prof._memory_profile()
     timeline = memory_profiler.MemoryProfileTimeline(memory_profile)
     live: dict[object, tuple[int, object]] = {}  # tensor -> (bytes, category of its current version)
+    born: dict[object, int] = {}  # tensor -> when it was allocated
     preexisting = set()  # tensors alive before the profile: the profiler sizes them by the view it saw
     total = start = best = when = 0
     started, snapshot = False, {}
@@ -76,6 +78,8 @@ def live_at_peak(prof: profile, device: str,
             start, best, snapshot, started = total, total, dict(live), True
         if action == memory_profiler.Action.PREEXISTING:
             preexisting.add(key)
+        if action == memory_profiler.Action.CREATE:
+            born[key] = time_ns
         if action in (memory_profiler.Action.PREEXISTING, memory_profiler.Action.CREATE):
             total += nbytes - live.get(key, (0, None))[0]
             live[key] = (nbytes, timeline.categories.get(key, version))
@@ -86,6 +90,7 @@ def live_at_peak(prof: profile, device: str,
         if started and total > best:
             best, snapshot, when = total, dict(live), time_ns
     tensors: Counter = Counter()
+    events = memory_profile._op_tree.sorted_nodes
     owned = owned or {}
     owned_at = {ptr: role for (ptr, _), role in owned.items()}
     for key, (nbytes, category) in snapshot.items():
@@ -94,10 +99,21 @@ def live_at_peak(prof: profile, device: str,
             fallback = owned_at.get(key.storage.ptr, name) if key in preexisting else name
             name = owned.get((key.storage.ptr, nbytes), fallback)
         if nbytes >= MIN_BYTES:
-            tensors[(name, nbytes)] += 1
+            origin = allocated_in(events, born[key]) if key in born else "before the profile"
+            tensors[(name, nbytes, origin)] += 1
         else:
-            tensors[(name, 0)] += nbytes
-    return start, best, tensors, running_at(memory_profile._op_tree.sorted_nodes, when)
+            tensors[(name, 0, "")] += nbytes
+    return start, best, tensors, running_at(events, when)
+
+
+def allocated_in(events, time_ns: int) -> str:
+    """What allocated a tensor at ``time_ns``: the innermost frame of this repository's code (``laser/...``)
+    and the outermost torch op running then (the one the code called), as
+    ``"laser/factored.py(121): backward > aten::matmul"``."""
+    inside = sorted((e for e in events if e.start_time_ns <= time_ns <= e.end_time_ns), key=lambda e: e.start_time_ns)
+    frames = [e.name for e in inside if ".py(" in e.name and e.name.startswith("laser/")]
+    ops = [e.name for e in inside if e.name.startswith("aten::")]
+    return " > ".join(part for part in (frames[-1] if frames else "", ops[0] if ops else "") if part) or "-"
 
 
 def running_at(events, time_ns: int) -> list[str]:
@@ -132,14 +148,14 @@ def profile_step(workload: Workload, spec, warmup: int) -> tuple[int, int, Count
 def table(start: int, peak: int, tensors: Counter, where: list[str]) -> str:
     """The tensors alive at the peak, largest groups first."""
     rows = []
-    for (category, nbytes), count in sorted(tensors.items(), key=lambda kv: -(kv[0][1] * kv[1] or kv[1])):
+    for (category, nbytes, origin), count in sorted(tensors.items(), key=lambda kv: -(kv[0][1] * kv[1] or kv[1])):
         if nbytes:
-            rows.append([category, size(nbytes), str(count), size(nbytes * count)])
+            rows.append([category, size(nbytes), str(count), size(nbytes * count), origin])
         else:
-            rows.append([category, f"< {size(MIN_BYTES)}", "-", size(count)])
+            rows.append([category, f"< {size(MIN_BYTES)}", "-", size(count), ""])
     head = (f"alive when the step began {size(start)}; at its peak {size(peak)} (rise {size(peak - start)}), "
             f"inside: {' > '.join(where) or '(no op)'}\n\n")
-    return head + markdown_table(["category", "tensor", "count", "bytes"], rows)
+    return head + markdown_table(["category", "tensor", "count", "bytes", "allocated in"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -450,7 +450,9 @@ def test_peak_profile_finds_the_tensors_alive_at_the_peak(capsys):
     start, peak, tensors, where = peak_profile.live_at_peak(prof, "cpu")
     assert peak - start == 3 * mib and start >= mib
     assert where[:2] == ["Widen_0", "aten::ones"], where
-    assert sorted(n for (_, n), count in tensors.items() for _ in range(count) if n >= mib) == [mib, mib, 2 * mib]
+    assert sorted(n for (_, n, _), count in tensors.items() for _ in range(count) if n >= mib) == [mib, mib, 2 * mib]
+    origins = {n: origin for (_, n, origin) in tensors if n >= mib}
+    assert origins[2 * mib] == "aten::ones" and origins[mib] in ("aten::ones", "before the profile")
     peak_profile.main(["--dims", "32", "--depths", "1", "--ranks", "8", "--batch", "2", "--maze", "5",
                        "--methods", "checkpoint", "laser-int8+coded-checkpoint", "--warmup", "1"])
     out = capsys.readouterr().out
@@ -458,4 +460,5 @@ def test_peak_profile_finds_the_tensors_alive_at_the_peak(capsys):
     assert out.count("inside: ") == 2
     coded = out.split("#### laser-int8+coded-checkpoint r8")[1]
     assert "| laser: accumulator |" in coded and "| laser: basis |" in coded  # LASER's own state, by role
+    assert "| allocated in |" in coded  # (every tensor of this tiny shape is under MIN_BYTES: no origin to name)
     assert "laser:" not in out.split("#### laser-int8+coded-checkpoint r8")[0]
