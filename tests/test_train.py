@@ -112,15 +112,22 @@ def test_a_finished_run_is_reused_whatever_the_preset_gives_other_methods(tmp_pa
     saved(with_method(quick, "laser"))  # the rank merged into the run's own options still tells runs apart
     assert finished_result(with_method(other, "laser"), tmp_path) is None
     assert finished_result(with_method(quick, "laser"), tmp_path) == {"ok": 1}
+    # options that build the same method config are the same run: no site_ranks and site_ranks=""
+    saved(with_method(dataclasses.replace(quick, method_defaults={"laser": {"rank": 56}}), "laser"))
+    assert finished_result(with_method(quick, "laser:site_ranks="), tmp_path) == {"ok": 1}
+    assert finished_result(with_method(quick, "laser:site_ranks=*mlp*=8"), tmp_path) is None
 
 
 def test_preset_method_defaults_apply_under_explicit_options():
     quick = train_preset("quick")
-    assert with_method(quick, "laser").method_options == {"rank": 56}
-    assert with_method(quick, "laser:rank=8,quantize=int8").method_options == {"rank": 8, "quantize": "int8"}
+    assert with_method(quick, "laser").method_options == {"rank": 56, "site_ranks": "*mlp.down*=112"}
+    assert with_method(quick, "laser:rank=8,quantize=int8").method_options == {
+        "rank": 8, "site_ranks": "*mlp.down*=112", "quantize": "int8"}  # each default yields to its own option only
+    uniform = with_method(quick, "laser:rank=8,site_ranks=").method_options  # a uniform rank: clear site_ranks
+    assert laser.methods.make_config("laser", **uniform).site_ranks == ()
     assert with_method(quick, "none").method_options == {}
     assert apply_overrides(quick, ["method=laser", "method.quantize=int8"]).method_options == {
-        "rank": 56, "quantize": "int8"}
+        "rank": 56, "site_ranks": "*mlp.down*=112", "quantize": "int8"}
     with pytest.raises(ValueError, match="valid methods"):
         TrainConfig(method_defaults={"bogus": {}})
     with pytest.raises(ValueError, match="rank"):

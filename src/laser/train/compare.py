@@ -15,6 +15,7 @@ plots, config, wall time) and ``OUT/config.json``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from laser import methods
 from laser.analysis.stats import WELCH_TEST, SeedDifference, seed_difference
 from laser.report import format_bytes
 from laser.train import tasks
@@ -98,15 +100,18 @@ def _saved_config_is(cfg: TrainConfig, config_path: Path) -> bool:
     if not config_path.is_file():
         return False
     try:  # through the config classes: a setting added since the run was saved takes its default
-        saved = config_from_dict(json.loads(config_path.read_text()))
+        saved = _comparable(config_from_dict(json.loads(config_path.read_text())))
     except (ValueError, TypeError):
         return False
-    return _comparable(saved) == _comparable(cfg)
+    return saved == _comparable(cfg)
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    """What decides a run's result, as plain JSON data (tuples as lists, as a saved config has them)."""
-    return result_relevant(json.loads(json.dumps(config_to_dict(cfg))))
+    """What decides a run's result, as plain JSON data (tuples as lists, as a saved config has them). The method's
+    options are compared as the config they build, so options that build the same one (``site_ranks=""`` and
+    no ``site_ranks``) are the same run."""
+    built = dataclasses.asdict(methods.make_config(cfg.method, **cfg.method_options))
+    return result_relevant(json.loads(json.dumps({**config_to_dict(cfg), "method_options": built})))
 
 
 def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0, resume: bool = False) -> dict:

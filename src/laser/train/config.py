@@ -320,17 +320,24 @@ def _quick() -> TrainConfig:
     LASER's rank is 56 (the oracle, static and sketch take the same), not a quarter of D as the paper's 128 of 512:
     with int8 codes, the lowest whole-model gradient cosine over the 3 probes of seeds 100-102 was 0.973 at rank 32
     (1400 steps), 0.988 at rank 48 and 0.991 at rank 56 (700 steps), 0.990 at rank 56 over 1400 steps
-    (``results/compare-parity-quick.md``, ``results/compare-quick1400.md``); int8 codes at rank 56 store 0.221 of
-    the baseline's bytes. At D=64 most sites are 64 wide, so fp32 codes at this rank pay mainly on the 256-wide MLP
-    sites; int8 codes pay everywhere.
+    (``results/compare-parity-quick.md``, ``results/compare-quick1400.md``). The MLP down projection's input (256
+    wide) takes rank 112: budget mode's plan for a floor of 0.98 on every parameter tensor's gradient cosine, from
+    rank 56 with int8 codes, on a converged seed-100 baseline's weights (``python benchmarks/grad_probe.py RUN
+    --plan 0.98 --per-tensor --plan-from laser:rank=56,quantize=int8``, ``results/plan-tensor-quick.raw.md``): the
+    least faithful tensor, that projection's weight, went from 0.970 to 0.990. Trained on seeds 100-102 with int8
+    codes it solved 99.2 +- 0.5% against the baseline's 99.2 +- 0.6% (rank 56 alone: 98.2 +- 1.5%) at 0.235 of the
+    baseline's bytes, the whole-model cosine >= 0.992 at every probe (``results/compare-quick56.md``). At D=64 most
+    sites are 64 wide, so fp32 codes at these ranks pay mainly on the 256-wide MLP sites; int8 codes pay everywhere.
+    ``laser:rank=R,site_ranks=`` gives every site rank R.
     """
     return TrainConfig(
         model=dataclasses.replace(trm.preset("quick"), hidden=64, heads=16, L_layers=3, H_cycles=1, L_cycles=1,
                                   n_sup=1, path_weight=2.5, rope_theta=100.0, rope_2d=True),
         data=DataConfig(size=7, count=20_512, val_count=512),
-        # Rank 56: of the ranks tried (32, 48, 56) the lowest whose gradient cosine stays >= 0.99 at every probe
-        # with int8 codes (see the docstring); the per-tensor and fixed-basis methods are compared at that rank.
-        method_defaults={name: {"rank": 56} for name in ("laser", "static", "sketch", "oracle")},
+        # Rank 56, the MLP down projection's input at 112: budget mode's plan for a per-tensor gradient floor
+        # (see the docstring); the per-tensor and fixed-basis methods are compared at rank 56.
+        method_defaults={"laser": {"rank": 56, "site_ranks": "*mlp.down*=112"},
+                         **{name: {"rank": 56} for name in ("static", "sketch", "oracle")}},
         lr=2e-3,
         weight_decay=0.1,
         warmup=200,
