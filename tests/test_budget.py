@@ -97,6 +97,13 @@ def test_int8_codes_raise_the_rank_fp32_codes_would_protect():
     assert "full/input:64" in fp32.protected and not int8.protected
     assert int8.raised["full/input:64"][0] == 32 and int8.config.rank_for("full/input:64") == 32
     assert int8.measured.cosine >= 0.99 and int8.measured.stored_fraction < fp32.measured.stored_fraction
+    int8_config = laser.LaserConfig(rank=4, min_numel=0, policy="paper", quantize="int8")
+    full = laser.plan(model, loss_fn, laser.Target(grad_cosine=0.999), int8_config)
+    assert full.raised["full/input:64"][0] == 64 and not full.protected  # int8 codes grow to the full width
+    exact = laser.plan(model, loss_fn, laser.Target(grad_cosine=1.0), int8_config)
+    # int8 rounding never reaches a cosine of 1: each site, at full width with nowhere to grow, is protected
+    assert set(exact.protected) == {"low/input:64", "low/addmm:64", "full/input:64", "full/addmm:64"}
+    assert not exact.raised and exact.measured.stored_fraction == 1.0
 
 
 class Loud(TwoSites):

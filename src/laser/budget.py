@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from laser.analysis.gradients import parameter_gradient, tensor_gradients, trainable_sizes
+from laser.analysis.gradients import least_faithful, parameter_gradient
 from laser.config import LaserConfig
 from laser.methods.laser import Compressor
 
@@ -133,7 +133,7 @@ def plan(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], target:
         raise ValueError(f"probe_steps={probe_steps!r} is invalid: must be >= 1 (steps per probe)")
     warmup = list(warmup) if warmup is not None else [loss_fn] * (probe_steps - 1)
     exact = _gradient(model, loss_fn, None)
-    measure = _Prober(model, loss_fn, exact, warmup, trainable_sizes(model))
+    measure = _Prober(model, loss_fn, exact, warmup)
     if target.max_error is not None:
         chosen = dataclasses.replace(config, max_error=target.max_error)
         return Plan(chosen, measured=measure(chosen)[0], target=target)
@@ -196,9 +196,8 @@ def _fit_bytes(config: LaserConfig, target: Target, measure: _Prober) -> Plan:
 class _Prober:
     """Runs probes of configs against the exact gradient."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, warmup: list[Callable],
-                 sizes: list[tuple[str, int]]) -> None:
-        self.model, self.loss_fn, self.exact, self.warmup, self.sizes = model, loss_fn, exact, warmup, sizes
+    def __init__(self, model: nn.Module, loss_fn: Callable, exact: torch.Tensor, warmup: list[Callable]) -> None:
+        self.model, self.loss_fn, self.exact, self.warmup = model, loss_fn, exact, warmup
 
     def __call__(self, config: LaserConfig) -> tuple[Measurement, dict[str, tuple[int, int, float]]]:
         """The measurement of ``config`` and the sites that stored codes in the last step, each with its width,
@@ -215,7 +214,7 @@ class _Prober:
         finally:
             comp.remove()
         cosine = float(torch.nn.functional.cosine_similarity(grad, self.exact, dim=0))
-        worst = tensor_gradients(grad, self.exact, self.sizes)[0]
+        worst, _ = least_faithful(grad, self.exact, self.model)
         stored = report.stored_bytes / report.raw_bytes if report.raw_bytes else 1.0
         coded = {row.name: (row.dim, row.rank, (row.stored_bytes - row.state_bytes) / row.raw_bytes)
                  for row in report.sites if row.fallbacks < row.tensors and row.raw_bytes}

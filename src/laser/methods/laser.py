@@ -366,7 +366,7 @@ class Compressor(ActivationMethod):
         self.stats = {}
 
     def _position_site(self, site: str) -> str:
-        """The key of ``x``'s basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
+        """The key of a storage's basis under ``bases="position"``: ``site@n`` for the site's n-th storage of this
         forward (its n-th recursion step). Each storage is encoded once: a position never holds one pending."""
         positions = self._thread.positions
         count = positions[site] = positions.get(site, -1) + 1

@@ -15,7 +15,6 @@ plots, config, wall time) and ``OUT/config.json``.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import math
 import os
@@ -27,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from laser import methods
 from laser.analysis.stats import WELCH_TEST, SeedDifference, seed_difference
 from laser.report import format_bytes
 from laser.train import tasks
@@ -107,11 +105,8 @@ def _saved_config_is(cfg: TrainConfig, config_path: Path) -> bool:
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    """What decides a run's result, as plain JSON data (tuples as lists, as a saved config has them). The method's
-    options are compared as the config they build, so options that build the same one (``site_ranks=""`` and
-    no ``site_ranks``) are the same run."""
-    built = dataclasses.asdict(methods.make_config(cfg.method, **cfg.method_options))
-    return result_relevant(json.loads(json.dumps({**config_to_dict(cfg), "method_options": built})))
+    """What decides a run's result (:func:`result_relevant`), as plain JSON data (tuples as lists)."""
+    return json.loads(json.dumps(result_relevant(config_to_dict(cfg))))
 
 
 def run_worker(cfg: TrainConfig, run_dir: Path, threads: int = 0, resume: bool = False) -> dict:

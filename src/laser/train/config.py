@@ -41,8 +41,11 @@ def result_relevant(config: dict) -> dict:
 
     ``method_defaults`` is left out too: a config merges the defaults of its own method into ``method_options``
     when it is made, so a preset's defaults for other methods never reach its run (a ``none`` run is the same
-    run whatever rank the preset gives ``laser``)."""
-    return {k: v for k, v in config.items() if k not in (*BOOKKEEPING_KEYS, "method_defaults")}
+    run whatever rank the preset gives ``laser``). The method's options are given as the config they build, so
+    options that build the same one (``site_ranks=""`` and no ``site_ranks``) decide the same run."""
+    relevant = {k: v for k, v in config.items() if k not in (*BOOKKEEPING_KEYS, "method_defaults")}
+    built = methods.make_config(config["method"], **config.get("method_options", {}))
+    return {**relevant, "method_options": dataclasses.asdict(built)}
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
