@@ -255,6 +255,7 @@ VARIANTS: dict[str, tuple[str | None, dict, bool, str | None]] = {
     "laser-ref": ("laser", {"matmul_dtype": "float32"}, True, None),
     "laser-recon": ("laser", {"factored": False}, True, None),  # every coded tensor reconstructed in backward
     "laser-int8+checkpoint": ("laser", {"quantize": "int8"}, True, "checkpoint"),
+    "laser-s8-int8+checkpoint": ("laser", {"accumulate_stride": 8, "quantize": "int8"}, True, "checkpoint"),
     # laser.checkpoint: the recomputed block's activations stored as the method's codes too
     "laser+coded-checkpoint": ("laser", {}, True, "coded"),
     "laser-int8+coded-checkpoint": ("laser", {"quantize": "int8"}, True, "coded"),

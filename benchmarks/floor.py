@@ -31,8 +31,15 @@ analytically, see :func:`block_flops`) is the overhead floor: at the same FLOP r
 cannot be below ``1 + share``. It is printed next to the step-time ratio measured against ``none``
 (median of interleaved rounds after warm-up).
 
+**On checkpointing** (``laser-int8+checkpoint``, ``laser-s8-int8+checkpoint``) the reference is ``checkpoint``
+(timed in the same rounds): the hooks see only each region's input, which the rerun reads decoded (torch's
+checkpoint runs the region's linears as they are, so nothing is factored), and the block's FLOPs include the
+rerun forward. The floor then says how far LASER's coding of the region inputs keeps it above checkpointing's
+own time.
+
     python benchmarks/floor.py                              # D 256 and 512, depth 8, rank 64
     python benchmarks/floor.py --dims 512 --depths 24 --ranks 64 128 --sites
+    python benchmarks/floor.py --dims 512 --depths 8 --ranks 128 --batch 8 --methods laser-int8+checkpoint
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ from laser.models.trm import TRMConfig
 from laser.report import Report
 
 LASER_VARIANTS = ["laser-paper", "laser-paper-int8", "laser-guarded", "laser-guarded-int8", "laser", "laser-int8",
-                  "laser-s8", "laser-s8-int8", "laser-ref", "laser-recon"]
+                  "laser-s8", "laser-s8-int8", "laser-ref", "laser-recon", "laser-int8+checkpoint",
+                  "laser-s8-int8+checkpoint"]
 SCALE_BYTES = 4  # one fp32 scale per int8 code column
 
 
@@ -175,7 +183,8 @@ def block_flops(cfg: TRMConfig, batch: int, seq: int) -> int:
     ``PV`` take ``4 N seq D``. Backward: twice the forward for linears (input and weight gradients),
     2.5 times for attention (flash-style: ``QK^T`` recomputed, then ``dV``, ``dP``, ``dQ``, ``dK``). A step
     with grad runs ``L_cycles + 1`` calls of ``L_layers`` blocks; the head (D -> vocab) runs once. The
-    benchmarks' TRM has ``H_cycles = n_sup = 1``: no forward runs without grad.
+    benchmarks' TRM has ``H_cycles = n_sup = 1``: no forward runs without grad. With ``cfg.checkpoint`` every
+    block call's forward runs again in backward (``torch.utils.checkpoint``).
     """
     tokens = batch * seq
     d, inter = cfg.hidden, cfg.inter
@@ -183,12 +192,14 @@ def block_flops(cfg: TRMConfig, batch: int, seq: int) -> int:
     attention = 4 * tokens * seq * d
     calls = (cfg.L_cycles + 1) * cfg.L_layers
     head = 2 * tokens * d * cfg.vocab
-    return calls * (3 * linear + 7 * attention // 2) + 3 * head
+    recomputed = calls * (linear + attention) if cfg.checkpoint else 0
+    return calls * (3 * linear + 7 * attention // 2) + 3 * head + recomputed
 
 
-def record_shapes(workload: Workload) -> dict[str, SiteShapes]:
-    """The storages each site admits during one forward of the workload's model."""
-    run = TrainingRun(workload, MethodSpec("bare", None))
+def record_shapes(workload: Workload, checkpoint: bool = False) -> dict[str, SiteShapes]:
+    """The storages each site admits during one forward of the workload's model (with ``checkpoint``: the
+    checkpointed model's, whose regions save only their inputs through the hooks)."""
+    run = TrainingRun(workload, MethodSpec("bare", None, checkpoint=checkpoint))
     recorder = ShapeRecorder(run.model)
     with recorder:
         loss = run.forward()
@@ -242,23 +253,28 @@ def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespac
 
 def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> str:
     """The summary table of one workload (and the per-site tables with ``--sites``)."""
+    if any(spec.checkpoint for spec in specs):  # the reference of the checkpointed variants, timed beside them
+        specs = [specs[0], MethodSpec("checkpoint", checkpoint=True), *specs[1:]]
     times, reports, rounds = measure(workload, specs, args)
-    shapes = record_shapes(workload)
-    block = block_flops(workload.trm_config(), workload.batch, workload.maze**2)
+    shapes = {ckpt: record_shapes(workload, ckpt) for ckpt in {spec.checkpoint for spec in specs}}
+    block = {ckpt: block_flops(workload.trm_config(ckpt), workload.batch, workload.maze**2) for ckpt in shapes}
     summary, details = [], []
     for spec in specs[1:]:
-        site_rows = floor_rows(reports[spec.label], shapes, spec.options.get("quantize") == "int8",
+        if spec.name != "laser":
+            continue
+        reference = "checkpoint" if spec.checkpoint else "none"
+        site_rows = floor_rows(reports[spec.label], shapes[spec.checkpoint], spec.options.get("quantize") == "int8",
                                spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"),
-                               spec.options.get("factored", True))
+                               spec.options.get("factored", True) and not spec.checkpoint)
         stored = sum(r["stored"] for r in site_rows)
         state = sum(r["state"] for r in site_rows)
         floor = sum(r["floor"] for r in site_rows)
-        share = sum(r["flops"] for r in site_rows) / block
-        measured = times[spec.label] / times["none"]
+        share = sum(r["flops"] for r in site_rows) / block[spec.checkpoint]
+        measured = times[spec.label] / times[reference]
         summary.append([
             spec.label, ranks_reached(reports[spec.label]),
             size(sum(r["raw"] for r in site_rows)), size(stored), size(floor), f"{stored / floor:.3f}",
-            size(state), f"{100 * share:.1f}%", f"{1 + share:.3f}", f"{measured:.3f}",
+            size(state), f"{100 * share:.1f}%", reference, f"{1 + share:.3f}", f"{measured:.3f}",
             f"{(measured - 1) / share:.2f}" if share else "-",
         ])
         if args.sites:
@@ -267,10 +283,13 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
                 [[r["site"], r["dim"], r["tensors"], r["rows"], r["rank"], size(r["raw"]), size(r["stored"]),
                   size(r["floor"]), size(r["state"]), f"{r['flops'] / 1e9:.3f}"] for r in site_rows]))
     headers = ["method", "ranks", "raw", "stored", "floor", "stored / floor", "state", "extra FLOPs / block",
-               "time ratio floor", "time ratio measured", "measured overhead / floor"]
-    title = (f"### {workload.title()}\n\n{environment(workload.device)}; block forward+backward "
-             f"{block / 1e9:.2f} GFLOP per step; step times: median of {rounds} interleaved rounds after "
-             f"{args.warmup} warm-up steps, ratio to none ({1000 * times['none']:.1f} ms).\n")
+               "vs", "time ratio floor", "time ratio measured", "measured overhead / floor"]
+    flops = ", ".join(f"{block[ckpt] / 1e9:.2f} GFLOP per step{' with checkpointing' if ckpt else ''}"
+                      for ckpt in sorted(block))
+    references = ", ".join(f"{name} {1000 * times[name]:.1f} ms" for name in ("none", "checkpoint") if name in times)
+    title = (f"### {workload.title()}\n\n{environment(workload.device)}; block forward+backward {flops}; step "
+             f"times: median of {rounds} interleaved rounds after {args.warmup} warm-up steps, ratio to the "
+             f"reference in `vs` ({references}).\n")
     return f"{title}\n{markdown_table(headers, summary)}\n" + "\n".join(details)
 
 

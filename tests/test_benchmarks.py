@@ -105,6 +105,9 @@ def test_block_flops_by_hand():
     per_call = 3 * linear + 3.5 * attention
     head = 3 * 2 * tokens * 64 * 5
     assert floor.block_flops(cfg, batch=1, seq=25) == 2 * per_call + head == 20_828_800
+    # checkpointing reruns each of the 2 block calls' forward in backward
+    ckpt = TRMConfig(hidden=64, heads=1, L_cycles=1, seq_len=25, checkpoint=True)
+    assert floor.block_flops(ckpt, batch=1, seq=25) == 20_828_800 + 2 * (linear + attention) == 27_702_400
 
 
 @pytest.mark.parametrize(("amp", "variant"), [("none", "laser-paper"), ("bf16", "laser-paper")])
@@ -265,15 +268,36 @@ def test_step_prints_its_table(capsys):
     assert float(rows[1][7]) < 1 and float(rows[2][7]) < 1  # both compress
 
 
+FLOOR_HEADER = ("| method | ranks | raw | stored | floor | stored / floor | state | extra FLOPs / block | vs | "
+                "time ratio floor | time ratio measured | measured overhead / floor |")
+
+
 def test_floor_prints_its_table(capsys):
     floor.main([*TINY, "--methods", "laser-paper", "--sites"])
     out = capsys.readouterr().out
-    rows = table_rows(out, "| method | ranks | raw | stored | floor | stored / floor | state | "
-                           "extra FLOPs / block | time ratio floor | time ratio measured | measured overhead / floor |")
+    rows = table_rows(out, FLOOR_HEADER)
     assert [r[0] for r in rows] == ["laser-paper r16"]
     assert rows[0][5] == "1.000"
     assert rows[0][6] not in ("-", "0 B")  # LASER's own state, beside the stored bytes the floor bounds
+    assert rows[0][8] == "none"
     assert "| site | dim | tensors | rows | rank | raw | stored | floor | state | extra GFLOP |" in out
+
+
+def test_floor_on_checkpointing_counts_the_region_inputs_against_checkpoint(capsys):
+    floor.main([*TINY, "--methods", "laser-int8+checkpoint", "--sites"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, FLOOR_HEADER)
+    assert [r[0] for r in rows] == ["laser-int8+checkpoint r16"]
+    assert rows[0][8] == "checkpoint" and "checkpoint " in out.split("ratio to the reference")[1].splitlines()[0]
+    # The hooks see the 3 region inputs (25 x 64 each) of depth 2, at one site; each is projected, accumulated
+    # and decoded for the rerun (nothing factored inside torch's checkpoint): 6 N D k FLOPs apiece, against
+    # the block's FLOPs with the rerun forward.
+    sites = table_rows(out, "| site | dim | tensors | rows | rank | raw | stored | floor | state | extra GFLOP |")
+    coded = [s for s in sites if s[4] != s[1]]
+    assert [(s[1], s[2], s[3], s[4]) for s in coded] == [("64", "3", "75", "16")]
+    cfg = TRMConfig(hidden=64, heads=1, L_cycles=2, seq_len=25, checkpoint=True)
+    share = 3 * 6 * 25 * 64 * 16 / floor.block_flops(cfg, batch=1, seq=25)
+    assert rows[0][7] == f"{100 * share:.1f}%" and rows[0][9] == f"{1 + share:.3f}"
 
 
 def test_profile_prints_its_tables(capsys):
