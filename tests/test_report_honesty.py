@@ -133,6 +133,20 @@ def test_difference_under_the_detectable_one_names_no_winner():
             f"{100 * d.min_detectable:.1f} points | the seeds cannot tell them apart |") in table
 
 
+def test_a_significant_difference_under_the_detectable_one_is_not_called_noise():
+    # compare-quick600's sketch: p = 0.04 at alpha 0.05, but 47 points under the 53 its seeds could detect
+    results = with_p_values({"none": entry([1e6] * 3, [1.0] * 3, [0.971, 0.971, 1.0], [1.0] * 3),
+                             "sketch": entry([4e5] * 3, [1.26] * 3, [0.707, 0.408, 0.406], [0.3] * 3)}, "none")
+    d = seed_difference(results["sketch"]["solve_rate"]["per_seed"], results["none"]["solve_rate"]["per_seed"])
+    assert d.p_value < d.alpha and abs(d.difference) < d.min_detectable and not d.told_apart
+    table = "\n".join(compare_mod.accuracy_tests(results, "none"))
+    assert (f"| sketch | solve rate | {100 * d.difference:+.2f} points | Welch t-test | {d.p_value:.3g} | "
+            f"{100 * d.min_detectable:.1f} points | lower at p < 0.05, but under the smallest detectable difference: "
+            "too few seeds to size it |") in table
+    lines = "\n".join(compare_mod.axis_winners(results, "none"))
+    assert "< 0.05, but a difference this small is detected less than 80% of the time" in lines
+
+
 def test_one_seed_says_it_cannot_tell():
     results = with_p_values({"none": entry([1e6], [1.0], [0.5], [1.0]),
                              "laser": entry([1e5], [0.9], [0.7], [0.99])}, "none")

@@ -512,6 +512,9 @@ def accuracy_tests(results: dict, baseline: str) -> list[str]:
                 verdict = f"told apart: {'higher' if d.difference > 0 else 'lower'} than the baseline"
             elif d.difference == 0:
                 verdict = "equal means"
+            elif d.p_value is not None and d.p_value < d.alpha:
+                verdict = (f"{'higher' if d.difference > 0 else 'lower'} at p < {d.alpha:g}, but under the smallest "
+                           "detectable difference: too few seeds to size it")
             else:
                 verdict = "the seeds cannot tell them apart"
             if d.note:
