@@ -292,7 +292,8 @@ def _paper_cpu() -> TrainConfig:
 
 
 def _quick() -> TrainConfig:
-    """Converges on 7x7 mazes: 97 to 100% validation solve rate on seeds 100-102, under 2 minutes a run on one core.
+    """Converges on 7x7 mazes: 97 to 100% validation solve rate on seeds 100-102; a baseline run takes under 2
+    minutes on one core, a LASER run about 3.
 
     The model: 3 distinct blocks (L_layers=3), one latent and one answer update (L_cycles=1: 6 block applications
     per step, all with grad), 16 heads of width 4 (at head dim 4 the 2D RoPE has one frequency per axis, 1 rad per
@@ -315,8 +316,10 @@ def _quick() -> TrainConfig:
     on 2 jobs x 1 thread) took 633 s on 2 idle cores at 700 steps, over the 10 minutes it is meant to take. A LASER
     step takes 1.6x the baseline's at this width (the compare tables' step-time column), most of it the
     projections, accumulations and reconstructions of Algorithm 1 (``benchmarks/profile.py`` splits a step into
-    them). At 600 steps LASER stays level with the baseline (``results/compare-quick600.md``: 98.1 +- 1.4% and,
-    with int8 codes, 98.2 +- 0.9% against 98.0 +- 1.7%; whole-model gradient cosine >= 0.995 at every probe).
+    them). At 600 steps the same job took 476 s (commit 8f1d11a: none 99-107 s a run, laser 167-181 s, int8
+    176-182 s, two at a time), and LASER stays level with the baseline (``results/compare-quick600.md``: 98.1 +-
+    1.4% and, with int8 codes, 98.2 +- 0.9% against 98.0 +- 1.7%; whole-model gradient cosine >= 0.995 at every
+    probe).
 
     Cost, on one core of an otherwise idle 2-core machine (700 steps): none 139 / 126 / 125 s a run on seeds 100 /
     101 / 102; at 800 steps none 132 s, laser 212 s (98.4% on seed 100), laser:quantize=int8 223 s (99.6%).
