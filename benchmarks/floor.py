@@ -253,16 +253,15 @@ def measure(workload: Workload, specs: list[MethodSpec], args: argparse.Namespac
 
 def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace) -> str:
     """The summary table of one workload (and the per-site tables with ``--sites``)."""
-    if any(spec.checkpoint for spec in specs):  # the reference of the checkpointed variants, timed beside them
-        specs = [specs[0], MethodSpec("checkpoint", checkpoint=True), *specs[1:]]
-    times, reports, rounds = measure(workload, specs, args)
-    shapes = {ckpt: record_shapes(workload, ckpt) for ckpt in {spec.checkpoint for spec in specs}}
+    baseline, variants = specs[0], specs[1:]
+    # the reference of the checkpointed variants, timed beside them
+    references = [MethodSpec("checkpoint", checkpoint=True)] if any(spec.checkpoint for spec in variants) else []
+    times, reports, rounds = measure(workload, [baseline, *references, *variants], args)
+    shapes = {ckpt: record_shapes(workload, ckpt) for ckpt in {False, *(spec.checkpoint for spec in variants)}}
     block = {ckpt: block_flops(workload.trm_config(ckpt), workload.batch, workload.maze**2) for ckpt in shapes}
     summary, details = [], []
-    for spec in specs[1:]:
-        if spec.name != "laser":
-            continue
-        reference = "checkpoint" if spec.checkpoint else "none"
+    for spec in variants:
+        reference = (references[0] if spec.checkpoint else baseline).label
         site_rows = floor_rows(reports[spec.label], shapes[spec.checkpoint], spec.options.get("quantize") == "int8",
                                spec.options.get("accumulate_stride", 1), spec.options.get("matmul_dtype", "auto"),
                                spec.options.get("factored", True) and not spec.checkpoint)
@@ -286,10 +285,10 @@ def tables(workload: Workload, specs: list[MethodSpec], args: argparse.Namespace
                "vs", "time ratio floor", "time ratio measured", "measured overhead / floor"]
     flops = ", ".join(f"{block[ckpt] / 1e9:.2f} GFLOP per step{' with checkpointing' if ckpt else ''}"
                       for ckpt in sorted(block))
-    references = ", ".join(f"{name} {1000 * times[name]:.1f} ms" for name in ("none", "checkpoint") if name in times)
+    timed = ", ".join(f"{spec.label} {1000 * times[spec.label]:.1f} ms" for spec in [baseline, *references])
     title = (f"### {workload.title()}\n\n{environment(workload.device)}; block forward+backward {flops}; step "
              f"times: median of {rounds} interleaved rounds after {args.warmup} warm-up steps, ratio to the "
-             f"reference in `vs` ({references}).\n")
+             f"reference in `vs` ({timed}).\n")
     return f"{title}\n{markdown_table(headers, summary)}\n" + "\n".join(details)
 
 

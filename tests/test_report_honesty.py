@@ -45,8 +45,9 @@ def test_min_detectable_difference_undefined_cases():
         min_detectable_difference([0.0, 1.0], [0.0, 1.0], alpha=0.0)
     one = seed_difference([0.9], [0.5])
     assert (one.p_value, one.min_detectable, one.told_apart) == (None, None, False) and "1 seed" in one.note
+    assert not one.significant
     flat = seed_difference([0.5, 0.5], [0.4, 0.4])
-    assert flat.told_apart and flat.p_value is None and "no spread" in flat.note
+    assert flat.told_apart and flat.p_value is None and "no spread" in flat.note and not flat.significant
     assert not seed_difference([0.5, 0.5], [0.5, 0.5]).told_apart
 
 
@@ -68,8 +69,9 @@ def test_seed_difference_properties(a, b, scale, shift):
     assert d.test == WELCH_TEST and d.min_detectable == pytest.approx(mdd)
     assert d.p_value == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue, abs=1e-9)
     if d.told_apart:  # a difference at least the MDD is significant at alpha
-        assert d.p_value < d.alpha
+        assert d.p_value < d.alpha and d.significant
     assert d.told_apart == (abs(d.difference) >= mdd)
+    assert d.significant == (d.p_value < d.alpha)
 
 
 # ---------------------------------------------------------------------------------- the report lines

@@ -284,6 +284,12 @@ class SeedDifference:
     power: float = 0.8
     note: str = ""
 
+    @property
+    def significant(self) -> bool:
+        """Whether Welch's test rejects equal means at ``alpha`` (False where there is no test). A significant
+        difference under ``min_detectable`` is one these seeds detect less than ``power`` of the time."""
+        return self.p_value is not None and self.p_value < self.alpha
+
 
 def seed_difference(
     a: Sequence[float], b: Sequence[float], alpha: float = 0.05, power: float = 0.8

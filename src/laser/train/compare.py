@@ -410,7 +410,7 @@ def _evidence(d: SeedDifference, amount: Callable[[float], str]) -> str:
     if d.told_apart:
         return f"difference {signed}, at least the {amount(d.min_detectable)} the seeds could detect; {p}"
     caveat = (f" < {d.alpha:g}, but a difference this small is detected less than {100 * d.power:.0f}% of the "
-              "time at these seeds" if d.p_value < d.alpha else "")
+              "time at these seeds" if d.significant else "")
     return f"difference {signed}, under the {amount(d.min_detectable)} the seeds could detect; {p}{caveat}"
 
 
@@ -512,7 +512,7 @@ def accuracy_tests(results: dict, baseline: str) -> list[str]:
                 verdict = f"told apart: {'higher' if d.difference > 0 else 'lower'} than the baseline"
             elif d.difference == 0:
                 verdict = "equal means"
-            elif d.p_value is not None and d.p_value < d.alpha:
+            elif d.significant:
                 verdict = (f"{'higher' if d.difference > 0 else 'lower'} at p < {d.alpha:g}, but under the smallest "
                            "detectable difference: too few seeds to size it")
             else:
